@@ -1,0 +1,14 @@
+"""slimtune: lightweight fine-tuning of frozen language models, and many users' tunings in one batch."""
+
+from .bank import Bank, TunedModel, attach, load
+from .errors import ModelMismatchError, TuningError, TuningFileError, UnknownUserError
+from .methods import Adapter, BitFit, FullFineTuning, LoRA, Method, PrefixTuning, PromptTuning
+from .report import ParameterReport, parameter_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "Bank", "BitFit", "FullFineTuning", "LoRA", "Method", "ModelMismatchError", "ParameterReport",
+    "PrefixTuning", "PromptTuning", "TunedModel", "TuningError", "TuningFileError", "UnknownUserError",
+    "attach", "load", "parameter_report",
+]

@@ -1,0 +1,294 @@
+"""One shared frozen model, many users' tunings, mixed row by row in one batch.
+
+`Bank` is the one code path: each row of a batch names its user (or None for the base model),
+and every method applies each user's tuning to that user's rows only. `attach()` returns a
+`TunedModel`, which is a bank of one user whose every row is theirs: training and serving run the
+same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import modules, storage
+from .errors import TuningError, UnknownUserError
+from .methods import Method, method_from_dict
+from .methods.base import Component, InitContext
+from .methods.full import FullFineTuning
+from .methods.head import HeadComponent
+from .methods.prompt import PromptComponent, gather_real, spread
+from .routing import Routing, keep_routing_in_checkpoints, routed
+
+class Bank(nn.Module):
+    """Many users' tunings over one shared, frozen model."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.parts = nn.ModuleDict()  # method kind -> Component holding every user of that method
+        self._methods: dict[str, Method] = {}
+        model.requires_grad_(False)
+
+    # --- users -------------------------------------------------------------------------------
+
+    @property
+    def users(self) -> list[str]:
+        return list(self._methods)
+
+    def method(self, user: str) -> Method:
+        self._check_known(user)
+        return self._methods[user]
+
+    def add(self, user: str, tuning: Method | str | os.PathLike | TunedModel, tokenizer: Any = None) -> None:
+        """Add `user` with a new tuning (a method config), a saved one (a folder) or a trained one (a TunedModel)."""
+        if not isinstance(user, str) or not user:
+            raise TuningError(f"a user name must be a non-empty string, got {user!r}")
+        if user in self._methods:
+            raise TuningError(f"user {user!r} is already in this bank; remove() them first")
+        method, state, head_state = self._resolve(tuning)
+        if isinstance(method, FullFineTuning) or "full" in self.parts:
+            if self._methods:
+                raise TuningError(
+                    "a full fine-tune changes every weight of the shared model, so it cannot share a bank "
+                    "with other tunings; give it a model of its own"
+                )
+        context = InitContext(tokenizer or self.tokenizer)
+        self._part(method.component).add(user, method, state, context)
+        if modules.head_names(self.model) and not isinstance(method, FullFineTuning):
+            self._part(HeadComponent).add(user, None, head_state, context)
+        self._methods[user] = method
+
+    def remove(self, user: str) -> None:
+        self._check_known(user)
+        for part in self.parts.values():
+            if user in part.methods:
+                part.remove(user)
+        del self._methods[user]
+
+    def user_parameters(self, user: str) -> Iterator[nn.Parameter]:
+        """The parameters that make up `user`'s tuning (and task head, if the model has one)."""
+        self._check_known(user)
+        for part in self._parts_of(user):
+            yield from part.user_parameters(user)
+
+    def state(self, user: str) -> dict[str, torch.Tensor]:
+        """`user`'s tuning as saved: the method's tensors, and the head's under `head.`."""
+        self._check_known(user)
+        out = {}
+        for part in self._parts_of(user):
+            prefix = "head." if isinstance(part, HeadComponent) else ""
+            out.update({prefix + name: t for name, t in part.state(user).items()})
+        return out
+
+    def save(self, user: str, path: str | os.PathLike) -> Path:
+        record, tensors = self.saved_form(user)
+        return storage.write(path, record, tensors)
+
+    def saved_form(self, user: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        record = {"method": self.method(user).to_dict(), "model": modules.fingerprint(self.model)}
+        return record, self.state(user)
+
+    def _parts_of(self, user: str) -> list[Component]:
+        return [part for part in self.parts.values() if user in part.methods]
+
+    def _part(self, cls: type[Component]) -> Component:
+        if cls.kind not in self.parts:
+            self.parts[cls.kind] = cls(self.model)
+        return self.parts[cls.kind]
+
+    def _resolve(self, tuning: Method | str | os.PathLike | TunedModel) -> tuple[Method, dict | None, dict | None]:
+        if isinstance(tuning, Method):
+            return tuning, None, None
+        if isinstance(tuning, TunedModel):
+            state = tuning.bank.state(tuning.user)
+            method = tuning.method
+        elif isinstance(tuning, (str, os.PathLike)):
+            record, state = storage.read(tuning)
+            storage.check_model(record.get("model", {}), modules.fingerprint(self.model), str(tuning))
+            method = method_from_dict(record.get("method", {}))
+        else:
+            raise TuningError(
+                f"cannot add a {type(tuning).__name__} to a bank: expected a method config "
+                "(e.g. LoRA(rank=8)), a saved tuning folder or a TunedModel"
+            )
+        head = {n[len("head."):]: t for n, t in state.items() if n.startswith("head.")}
+        body = {n: t for n, t in state.items() if not n.startswith("head.")}
+        if modules.head_names(self.model) and not isinstance(method, FullFineTuning) and not head:
+            raise TuningError(
+                f"{type(self.model).__name__} has a task head, but this tuning carries none; "
+                "it was trained for a model without that head"
+            )
+        return method, body, head or None
+
+    def _check_known(self, user: str) -> None:
+        if user not in self._methods:
+            known = ", ".join(self._methods) or "no users"
+            raise UnknownUserError(f"unknown user {user!r}; this bank holds: {known}")
+
+    # --- running -----------------------------------------------------------------------------
+
+    def _routing(self, users: Sequence[str | None] | None, batch: int, device: torch.device) -> Routing:
+        if users is None or isinstance(users, str):
+            raise TuningError("pass users=[...] with one user name (or None for the base model) per row of the batch")
+        users = list(users)
+        if len(users) != batch:
+            raise TuningError(f"users has {len(users)} entries but the batch has {batch} rows; give one per row")
+        for user in users:
+            if user is not None:
+                self._check_known(user)
+        if "full" in self.parts and None in users:
+            raise TuningError("this bank's model is fully fine-tuned; it has no frozen base model for rows of user None")
+        owners = {u: tuple(self._parts_of(u)) for u in set(users) if u is not None}
+        return Routing(users, owners, device)
+
+    def _start(self, routing: Routing) -> None:
+        keep_routing_in_checkpoints(self.model)
+        for part in self.parts.values():
+            part.prepare(routing)
+
+    def _inputs(self, routing: Routing, kwargs: dict) -> tuple[dict, torch.Tensor | None, int]:
+        """The model's inputs with each row's prompt inserted and positions derived from the mask.
+        Returns (inputs, starts, length): row b's own tokens begin at starts[b] (None: at 0)."""
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        source = ids if ids is not None else embeds
+        batch, length = source.shape[:2]
+        if kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=source.device)
+        starts = None
+        prompt = self.parts["prompt"] if "prompt" in self.parts else None
+        if prompt is not None and prompt.lengths(routing, batch).any():
+            if embeds is None:
+                embeds = self.model.get_input_embeddings()(ids)
+            embeds, kwargs["attention_mask"], starts = prompt.prepend(
+                routing, embeds, kwargs["attention_mask"], left=modules.is_causal_decoder(self.model)
+            )
+            kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
+            extra = embeds.shape[1] - length
+            if kwargs.get("token_type_ids") is not None:
+                kwargs["token_type_ids"] = spread(kwargs["token_type_ids"], starts, extra, 0)
+            if kwargs.get("position_ids") is not None:
+                raise TuningError("position_ids cannot be given for rows with prompt tuning; they follow from the mask")
+            labels = kwargs.get("labels")
+            if labels is not None and labels.dim() == 2 and not modules.is_encoder_decoder(self.model):
+                kwargs["labels"] = spread(labels, starts, extra, -100)
+        if kwargs.get("position_ids") is None and modules.accepts(self.model, "position_ids"):
+            # As generate() does, so a padded row gets the positions it would get alone.
+            mask = kwargs["attention_mask"]
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return kwargs, starts, length
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                users: Sequence[str | None] | None = None, **kwargs):
+        """Run the model with row i under users[i]'s tuning. Logits come back aligned with `input_ids`."""
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
+        source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        routing = self._routing(users, source.shape[0], source.device)
+        with routed(routing):
+            self._start(routing)
+            inputs, starts, length = self._inputs(routing, kwargs)
+            out = self.model(**inputs)
+        logits = getattr(out, "logits", None)
+        if starts is not None and logits is not None and logits.dim() == 3 and not modules.is_encoder_decoder(self.model):
+            out["logits"] = gather_real(logits, starts, length)
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 users: Sequence[str | None] | None = None, **kwargs):
+        """`model.generate()` with row i under users[i]'s tuning; returns what generate() returns
+        (for decoders: the input tokens followed by the new ones)."""
+        routing = self._routing(users, input_ids.shape[0], input_ids.device)
+        with routed(routing):
+            self._start(routing)
+            inputs, starts, _ = self._inputs(routing, {"input_ids": input_ids, "attention_mask": attention_mask})
+            inputs.pop("position_ids", None)  # generate() derives them from the mask at every step
+            if starts is None or modules.is_encoder_decoder(self.model):
+                return self.model.generate(**{k: v for k, v in inputs.items() if v is not None}, **kwargs)
+            # From inputs_embeds, a decoder's generate() returns only the new tokens.
+            out = self.model.generate(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], **kwargs)
+            if isinstance(out, torch.Tensor):
+                return torch.cat([input_ids.repeat_interleave(out.shape[0] // input_ids.shape[0], 0), out], dim=1)
+            out["sequences"] = torch.cat(
+                [input_ids.repeat_interleave(out.sequences.shape[0] // input_ids.shape[0], 0), out.sequences], dim=1
+            )
+            return out
+
+    def detach(self) -> None:
+        """Remove every hook this bank put on the shared model."""
+        for part in self.parts.values():
+            part.close()
+
+
+class TunedModel(nn.Module):
+    """A frozen model with one tuning: the bank-of-one case. Every row runs under the tuning."""
+
+    def __init__(self, bank: Bank, user: str):
+        super().__init__()
+        self.bank = bank
+        self.user = user
+
+    @property
+    def model(self) -> nn.Module:
+        return self.bank.model
+
+    @property
+    def method(self) -> Method:
+        return self.bank.method(self.user)
+
+    def tuning_parameters(self) -> list[nn.Parameter]:
+        return list(self.bank.user_parameters(self.user))
+
+    def _users(self, kwargs: dict) -> list[str]:
+        source = kwargs.get("input_ids")
+        source = source if source is not None else kwargs.get("inputs_embeds")
+        return [self.user] * source.shape[0]
+
+    def forward(self, **kwargs):
+        return self.bank(users=self._users(kwargs), **kwargs)
+
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
+        return self.bank.generate(input_ids=input_ids, users=[self.user] * input_ids.shape[0], **kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save only the tuning (and task head), with its config and the model's fingerprint."""
+        return self.bank.save(self.user, path)
+
+    def saved_form(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return self.bank.saved_form(self.user)
+
+    def merge(self) -> None:
+        """Fold a LoRA update into the frozen weights: zero extra cost per token until `unmerge()`."""
+        lora = self._only_lora("merge")
+        lora.merge(self.user)
+
+    def unmerge(self) -> None:
+        """Subtract the merged LoRA update again (exact up to floating-point rounding)."""
+        self._only_lora("unmerge").unmerge()
+
+    def _only_lora(self, action: str):
+        if self.method.kind != "lora":
+            raise TuningError(f"only LoRA can {action}; this tuning is {self.method.kind}")
+        if len(self.bank.users) > 1:
+            raise TuningError(f"cannot {action} while the model is shared by other tunings in the bank")
+        return self.bank.parts["lora"]
+
+
+def attach(model: nn.Module, method: Method, tokenizer: Any = None, name: str = "default") -> TunedModel:
+    """Freeze `model` and attach a new tuning of `method`; returns a trainable `TunedModel`."""
+    bank = Bank(model, tokenizer)
+    bank.add(name, method)
+    return TunedModel(bank, name)
+
+
+def load(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, name: str = "default") -> TunedModel:
+    """Load a saved tuning onto `model` (checked to be of the type and shape it was made for)."""
+    bank = Bank(model, tokenizer)
+    bank.add(name, path)
+    return TunedModel(bank, name)

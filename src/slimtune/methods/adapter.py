@@ -1,0 +1,134 @@
+"""Adapter tuning (Houlsby et al., 2019): a bottleneck module inside every frozen layer.
+
+    Adapter(h) = h + W_up · σ(W_down · h),     W_down: d -> r,  W_up: r -> d,  W_up = 0 at the start
+
+applied to the output of the attention block and of the feed-forward block (`"houlsby"`), or of
+the feed-forward block only (`"pfeiffer"`), before the residual connection and layer norm. With
+W_up = 0 the adapted model starts identical to the frozen one. The sites are found by module
+name (see `modules.DEFAULT_ADAPTER_SITES`), or given as regular expressions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import modules
+from ..errors import TuningError
+from .base import SiteComponent, InitContext, Method, expect_shapes, site_key
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
+
+
+@dataclass(frozen=True)
+class Adapter(Method):
+    """Bottleneck adapters of width `size` after attention and feed-forward (houlsby) or feed-forward only (pfeiffer)."""
+
+    kind = "adapter"
+    size: int = 64
+    placement: str = "houlsby"
+    activation: str = "relu"
+    attention_output: str | None = None  # regex of the attention blocks' output layers
+    ffn_output: str | None = None  # regex of the feed-forward blocks' output layers
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise TuningError(f"Adapter size must be at least 1, got {self.size}")
+        if self.placement not in ("houlsby", "pfeiffer"):
+            raise TuningError(f"Adapter placement must be 'houlsby' or 'pfeiffer', got {self.placement!r}")
+        if self.activation not in ACTIVATIONS:
+            raise TuningError(f"Adapter activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, width: int, size: int, activation: str):
+        super().__init__()
+        self.down = nn.Linear(width, size)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(size, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(h.to(self.down.weight.dtype))))
+
+
+class AdapterTuning(nn.Module):
+    def __init__(self, method: Adapter, sites: dict[str, int]):
+        super().__init__()
+        self.names = list(sites)
+        self.blocks = nn.ModuleDict({site_key(n): Bottleneck(w, method.size, method.activation) for n, w in sites.items()})
+
+    def delta(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        return self.blocks[site_key(name)](h)
+
+
+class AdapterComponent(SiteComponent):
+    kind = "adapter"
+
+    def site_value(self, user: str, name: str, h: torch.Tensor) -> torch.Tensor:
+        return self.tuning(user).delta(name, h)
+
+    def sites(self, method: Adapter) -> dict[str, int]:
+        attention, ffn = method.attention_output, method.ffn_output
+        if attention is None or ffn is None:
+            default = modules.first_matching(
+                self.model, modules.DEFAULT_ADAPTER_SITES,
+                lambda m, pair: modules.find_linears(m, pair[0]) and modules.find_linears(m, pair[1]),
+            )
+            if not default:
+                raise TuningError(
+                    f"Adapter does not know where the attention and feed-forward blocks of "
+                    f"{type(self.model).__name__} end; pass attention_output= and ffn_output= as regular "
+                    f"expressions over its linear layers ({modules.describe_linears(self.model)})"
+                )
+            attention = attention or default[0]
+            ffn = ffn or default[1]
+        found = modules.require(modules.find_linears(self.model, ffn), "Adapter ffn_output", self.model, ffn)
+        if method.placement == "houlsby":
+            found += modules.require(
+                modules.find_linears(self.model, attention), "Adapter attention_output", self.model, attention
+            )
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        found.sort(key=lambda item: order[item[0]])
+        return {name: modules.linear_features(m)[1] for name, m in found}
+
+    def build(self, method: Adapter, context: InitContext) -> nn.Module:
+        tuning = AdapterTuning(method, self.sites(method))
+        for block in tuning.blocks.values():
+            nn.init.kaiming_uniform_(block.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(block.down.bias)
+            nn.init.zeros_(block.up.weight)
+            nn.init.zeros_(block.up.bias)
+        self.hook_sites(tuning.names)
+        return tuning
+
+    def from_state(self, method: Adapter, state: dict[str, torch.Tensor]) -> nn.Module:
+        sites = self.sites(method)
+        expected = {}
+        for name, width in sites.items():
+            expected.update({
+                f"{name}.adapter.down.weight": (method.size, width), f"{name}.adapter.down.bias": (method.size,),
+                f"{name}.adapter.up.weight": (width, method.size), f"{name}.adapter.up.bias": (width,),
+            })
+        expect_shapes(state, expected, "Adapter")
+        tuning = AdapterTuning(method, sites)
+        tuning.blocks.load_state_dict(
+            {f"{site_key(n)}.{rest}": state[f"{n}.adapter.{rest}"] for n in sites
+             for rest in ("down.weight", "down.bias", "up.weight", "up.bias")}
+        )
+        self.hook_sites(tuning.names)
+        return tuning
+
+    def state(self, user: str) -> dict[str, torch.Tensor]:
+        tuning = self.tuning(user)
+        return {
+            f"{name}.adapter.{rest}": tensor.detach()
+            for name in tuning.names
+            for rest, tensor in tuning.blocks[site_key(name)].state_dict().items()
+        }
+
+
+
+Adapter.component = AdapterComponent

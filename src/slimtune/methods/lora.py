@@ -1,0 +1,143 @@
+"""LoRA (Hu et al., 2021): a trainable low-rank update beside chosen frozen linear layers.
+
+    h = W x + (alpha / r) * B A x,     A: r x d_in,  B: d_out x r,  B = 0 at the start
+
+so the tuned model starts identical to the frozen one. Per row: each user's (A, B) applies to
+that user's rows only. `merge()` folds (alpha / r) B A into W for zero-overhead inference when a
+single tuning serves the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import modules
+from ..errors import TuningError
+from .base import SiteComponent, InitContext, Method, expect_shapes, site_key
+
+
+@dataclass(frozen=True)
+class LoRA(Method):
+    """LoRA of rank `rank` on the linear layers named by `targets` (default: query and value)."""
+
+    kind = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | str | None = None
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise TuningError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TuningError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRATuning(nn.Module):
+    def __init__(self, method: LoRA, sites: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.names = list(sites)
+        self.scale = method.scale
+        self.dropout = nn.Dropout(method.dropout)
+        self.A = nn.ParameterDict({site_key(n): nn.Parameter(torch.zeros(method.rank, i)) for n, (i, o) in sites.items()})
+        self.B = nn.ParameterDict({site_key(n): nn.Parameter(torch.zeros(o, method.rank)) for n, (i, o) in sites.items()})
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        key = site_key(name)
+        a, b = self.A[key], self.B[key]
+        return (self.dropout(x).to(a.dtype) @ a.T @ b.T) * self.scale
+
+
+class LoRAComponent(SiteComponent):
+    kind = "lora"
+
+    from_input = True
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.merged: str | None = None
+
+    def site_value(self, user: str, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.tuning(user).delta(name, x)
+
+    def skips(self, user: str) -> bool:
+        return user == self.merged  # its update is already inside the weights
+
+    def sites(self, method: LoRA) -> dict[str, tuple[int, int]]:
+        targets = method.targets
+        if targets is None:
+            targets = modules.first_matching(self.model, modules.DEFAULT_LORA_TARGETS, modules.find_linears)
+            if not targets:
+                raise TuningError(
+                    f"LoRA has no default targets for {type(self.model).__name__}; pass targets=[...] "
+                    f"naming some of its linear layers: {modules.describe_linears(self.model)}"
+                )
+        found = modules.require(modules.find_linears(self.model, targets), "LoRA target", self.model, targets)
+        return {name: modules.linear_features(m) for name, m in found}
+
+    def build(self, method: LoRA, context: InitContext) -> nn.Module:
+        tuning = LoRATuning(method, self.sites(method))
+        for a in tuning.A.values():
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear; B stays zero
+        self.hook_sites(tuning.names)
+        return tuning
+
+    def from_state(self, method: LoRA, state: dict[str, torch.Tensor]) -> nn.Module:
+        sites = self.sites(method)
+        expected = {}
+        for name, (i, o) in sites.items():
+            expected[f"{name}.lora_A"] = (method.rank, i)
+            expected[f"{name}.lora_B"] = (o, method.rank)
+        expect_shapes(state, expected, "LoRA")
+        tuning = LoRATuning(method, sites)
+        with torch.no_grad():
+            for name in sites:
+                tuning.A[site_key(name)].copy_(state[f"{name}.lora_A"])
+                tuning.B[site_key(name)].copy_(state[f"{name}.lora_B"])
+        self.hook_sites(tuning.names)
+        return tuning
+
+    def state(self, user: str) -> dict[str, torch.Tensor]:
+        tuning = self.tuning(user)
+        out = {}
+        for name in tuning.names:
+            out[f"{name}.lora_A"] = tuning.A[site_key(name)].detach()
+            out[f"{name}.lora_B"] = tuning.B[site_key(name)].detach()
+        return out
+
+    # --- merging -----------------------------------------------------------------------------
+
+    def _update(self, user: str, sign: float) -> None:
+        tuning = self.tuning(user)
+        found = dict(self.model.named_modules())
+        with torch.no_grad():
+            for name in tuning.names:
+                key = site_key(name)
+                delta = (tuning.B[key] @ tuning.A[key]) * tuning.scale * sign  # d_out x d_in
+                weight = found[name].weight
+                weight += (delta if isinstance(found[name], nn.Linear) else delta.T).to(weight.dtype)
+
+    def merge(self, user: str) -> None:
+        if self.merged is not None:
+            raise TuningError(f"LoRA of {self.merged!r} is already merged; unmerge() it first")
+        self._update(user, 1.0)
+        self.merged = user
+
+    def unmerge(self) -> None:
+        if self.merged is None:
+            raise TuningError("no LoRA is merged")
+        self._update(self.merged, -1.0)
+        self.merged = None
+
+
+LoRA.component = LoRAComponent

@@ -1,0 +1,301 @@
+"""Prefix tuning (Li & Liang, 2021) and P-tuning v2: learnable keys and values at every attention layer.
+
+    K' = [P_key, K],  V' = [P_value, V],  head_i = Attn(Q W_q, K' , V')      (Q unchanged)
+
+`reparam="mlp"` trains P through Li & Liang's reparameterisation,
+P = P_0 + MLP(E) with E an embedding(k, d) and MLP = Linear -> tanh -> Linear(sum of the layers'
+2·kv_heads·head_dim); saved tunings hold only the computed P. `reparam=None` trains P directly
+(P-tuning v2).
+
+Where the prefix goes in: transformers' attention-function registry (`AttentionInterface`).
+Every supported architecture calls the registered function as
+`fn(module, query, key, value, attention_mask, **kwargs)` with keys and values already rotated
+and already including the KV cache; slimtune registers `slimtune_<impl>` wrapping the model's
+own implementation (sdpa, eager, ...), and the wrapper prepends the prefix rows of the batch and
+widens the mask. Nothing goes through `past_key_values` or cache objects, so cache-class changes
+cannot break it, and gradient checkpointing works.
+
+Positions: the prefix occupies positions 0..k-1 and the real tokens follow (their
+`position_ids` are offset by k, by a forward pre-hook), so a prefix made of the keys and values
+the frozen model computes for a real text (`init="text"`) reproduces the frozen model run on
+`text + x` exactly, on decoders. T5's relative position bias gives the prefix columns no bias.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .. import modules
+from ..errors import TuningError
+from ..routing import Routing, active, routed
+from . import vocab
+from .base import Component, InitContext, Method, expect_shapes, site_key
+
+INITS = ("vocab", "text", "random")
+
+
+@dataclass(frozen=True)
+class PrefixTuning(Method):
+    """`length` learnable key/value positions in every self-attention layer."""
+
+    kind = "prefix"
+    length: int = 10
+    reparam: str | None = "mlp"
+    mlp_hidden: int = 512
+    init: str = "vocab"
+    text: str | None = None
+    vocab_top: int = 5000
+
+    def __post_init__(self):
+        if self.length < 1:
+            raise TuningError(f"PrefixTuning length must be at least 1, got {self.length}")
+        if self.reparam not in ("mlp", None):
+            raise TuningError(f"PrefixTuning reparam must be 'mlp' or None (P-tuning v2), got {self.reparam!r}")
+        if self.init not in INITS:
+            raise TuningError(f"PrefixTuning init must be one of {INITS}, got {self.init!r}")
+        if self.init == "text" and not self.text:
+            raise TuningError("PrefixTuning(init='text') needs text='...'")
+
+
+# --- the attention function ------------------------------------------------------------------
+
+def _inner_attention(base: str, module: nn.Module):
+    if base in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[base]
+    # "eager" is not in the registry: each modeling file defines its own eager_attention_forward.
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _visible_mask(mask, valid, query, key, causal: bool):
+    """The attention mask widened by the prefix columns (visible where `valid`), never None."""
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    cols = valid[:, None, None, :]  # [B, 1, 1, K]
+    if mask is None:
+        if causal and q_len > 1:  # aligned bottom-right: query i sees keys up to i + (kv - q)
+            i = torch.arange(q_len, device=key.device)[:, None]
+            j = torch.arange(kv_len, device=key.device)[None, :]
+            mask = (j <= i + (kv_len - q_len))[None, None]
+        else:
+            mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=key.device)
+    mask = mask.expand(batch, mask.shape[1], mask.shape[2], mask.shape[3])
+    if mask.dtype == torch.bool:
+        cols = cols.expand(batch, mask.shape[1], mask.shape[2], -1)
+    else:
+        blocked = torch.finfo(mask.dtype).min
+        cols = torch.zeros((), dtype=mask.dtype, device=mask.device).masked_fill(~cols, blocked)
+        cols = cols.expand(batch, mask.shape[1], mask.shape[2], -1)
+    return torch.cat([cols, mask], dim=-1)
+
+
+def _prefixed_attention(base: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        inner = _inner_attention(base, module)
+        routing = active()
+        if routing is None:
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        if routing.capture is not None:
+            routing.capture[module] = (query.shape[2], key.detach(), value.detach())
+        prefix = None
+        for component in routing.components:
+            if isinstance(component, PrefixComponent):
+                prefix = component.batch_prefix(module, routing, query.shape[0])
+                if prefix is not None:
+                    break
+        if prefix is None:
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        p_key, p_value, valid = prefix
+        is_causal = kwargs.pop("is_causal", None)
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        attention_mask = _visible_mask(attention_mask, valid, query, key, causal)
+        key = torch.cat([p_key.to(key.dtype), key], dim=2)
+        value = torch.cat([p_value.to(value.dtype), value], dim=2)
+        bias = kwargs.get("position_bias")
+        if bias is not None:
+            kwargs["position_bias"] = torch.cat([bias.new_zeros(*bias.shape[:-1], p_key.shape[2]), bias], dim=-1)
+        return inner(module, query, key, value, attention_mask, is_causal=False, **kwargs)
+
+    return attention
+
+
+def use_prefix_attention(model: nn.Module) -> None:
+    """Route the model's attention through slimtune's wrapper of its current implementation."""
+    current = model.config._attn_implementation or "eager"
+    if current.startswith("slimtune_"):
+        return
+    name = f"slimtune_{current}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _prefixed_attention(current))
+        # Without a mask function under the new name transformers builds no padding mask at all.
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    model.set_attn_implementation(name)
+
+
+# --- the component ---------------------------------------------------------------------------
+
+class PrefixParameters(nn.Module):
+    """One user's prefix: direct per-site tensors [2, kv_heads, k, head_dim], or the MLP that makes them."""
+
+    def __init__(self, method: PrefixTuning, shapes: dict[str, tuple[int, int]], start: dict[str, torch.Tensor] | None,
+                 width: int, direct: bool):
+        super().__init__()
+        self.names = list(shapes)
+        self.shapes = shapes
+        self.length = method.length
+        k = method.length
+        if direct:
+            self.prefix = nn.ParameterDict({
+                site_key(n): nn.Parameter(start[n].clone() if start else torch.randn(2, h, k, d))
+                for n, (h, d) in shapes.items()
+            })
+        else:
+            self.sizes = [2 * h * d for h, d in shapes.values()]  # per prefix position
+            self.embedding = nn.Embedding(k, width)
+            self.mlp = nn.Sequential(nn.Linear(width, method.mlp_hidden), nn.Tanh(), nn.Linear(method.mlp_hidden, sum(self.sizes)))
+            base = torch.zeros(k, sum(self.sizes))
+            if start:  # start exactly at the given prefix: P = P_0 + MLP(E) with a zero last layer
+                base = torch.cat([start[n].permute(2, 0, 1, 3).reshape(k, -1) for n in self.names], dim=1)
+                nn.init.zeros_(self.mlp[2].weight)
+                nn.init.zeros_(self.mlp[2].bias)
+            self.register_buffer("base", base)
+
+    def tables(self) -> dict[str, torch.Tensor]:
+        if hasattr(self, "prefix"):
+            return {n: self.prefix[site_key(n)] for n in self.names}
+        flat = self.base + self.mlp(self.embedding.weight)  # [k, sum of 2*h*d]
+        out = {}
+        for n, part in zip(self.names, flat.split(self.sizes, dim=1)):
+            h, d = self.shapes[n]
+            out[n] = part.reshape(self.length, 2, h, d).permute(1, 2, 0, 3)
+        return out
+
+
+class PrefixComponent(Component):
+    kind = "prefix"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        use_prefix_attention(model)
+        self.sites = self._probe()  # module -> (name, kv_heads, head_dim)
+        self.names = {name: module for module, (name, _, _) in self.sites.items()}
+        self.shifts_positions = modules.accepts(model, "position_ids")
+        self._handles.append(model.register_forward_pre_hook(self._offset_positions, with_kwargs=True))
+
+    def _run_capture(self, ids: torch.Tensor, decoder_ids: torch.Tensor) -> dict:
+        capture: dict = {}
+        inputs = {"input_ids": ids}
+        if modules.is_encoder_decoder(self.model):
+            inputs["decoder_input_ids"] = decoder_ids
+        with torch.no_grad(), routed(Routing([None] * ids.shape[0], {}, ids.device, capture=capture)):
+            self.model(**inputs, use_cache=False)
+        return capture
+
+    def _probe(self) -> dict[nn.Module, tuple[str, int, int]]:
+        """Find the self-attention modules by watching one tiny forward pass: cross-attention
+        (whose keys come from the encoder, of another length) is left alone."""
+        ids = torch.tensor([[5, 6, 7]], device=self.device)
+        names = {m: n for n, m in self.model.named_modules()}
+        sites = {}
+        for module, (q_len, key, _) in self._run_capture(ids, ids[:, :2]).items():
+            if key.shape[2] == q_len:
+                sites[module] = (names[module], key.shape[1], key.shape[3])
+        if not sites:
+            raise TuningError(f"PrefixTuning found no self-attention in {type(self.model).__name__}")
+        return sites
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: (h, d) for name, h, d in self.sites.values()}
+
+    def build(self, method: PrefixTuning, context: InitContext) -> nn.Module:
+        start = None
+        if method.init != "random":
+            if method.init == "text":
+                ids = vocab.cycle(context.encode(method.text, "PrefixTuning(init='text')"), method.length)
+            else:
+                ids = vocab.sample_frequent(self.model, method.length, context.tokenizer, method.vocab_top)
+            start = self.prefix_of(torch.tensor([ids], device=self.device))
+        width = self.model.get_input_embeddings().weight.shape[1]
+        return PrefixParameters(method, self.shapes(), start, width, direct=method.reparam is None)
+
+    def prefix_of(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The keys and values the frozen model computes for `ids` [1, k], per site: [2, kv, k, hd]."""
+        capture = self._run_capture(ids, ids)
+        return {
+            name: torch.stack([capture[module][1][0], capture[module][2][0]]).float().cpu()
+            for module, (name, _, _) in self.sites.items()
+        }
+
+    def from_state(self, method: PrefixTuning, state: dict[str, torch.Tensor]) -> nn.Module:
+        k = method.length
+        expect_shapes(state, {f"{n}.prefix": (2, h, k, d) for n, (h, d) in self.shapes().items()}, "PrefixTuning")
+        start = {n: state[f"{n}.prefix"].float() for n in self.shapes()}
+        return PrefixParameters(method, self.shapes(), start, 0, direct=True)
+
+    def state(self, user: str) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {f"{n}.prefix": t.detach().contiguous() for n, t in self.tuning(user).tables().items()}
+
+    def prepare(self, routing: Routing) -> None:
+        # The MLP runs once per batch, not once per layer.
+        users = {user for user, _ in routing.groups(self)}
+        routing.cache[self] = {user: self.tuning(user).tables() for user in users}
+
+    def batch_prefix(self, module: nn.Module, routing: Routing, batch: int):
+        site = self.sites.get(module)
+        groups = routing.groups(self, batch) if site is not None else []
+        if not groups:
+            return None
+        name = site[0]
+        tables = routing.cache.get(self)
+        if tables is None:
+            self.prepare(routing)
+            tables = routing.cache[self]
+        lengths = {user: tables[user][name].shape[2] for user, _ in groups}
+        total = max(lengths.values())
+        if len(groups) == 1 and groups[0][1] is None:
+            table = tables[groups[0][0]][name]
+            p = table.unsqueeze(1).expand(2, batch, *table.shape[1:])
+            valid = torch.ones(batch, total, dtype=torch.bool, device=table.device)
+            return p[0], p[1], valid
+        h, d = site[1], site[2]
+        p = torch.zeros(2, batch, h, total, d, dtype=self.dtype, device=self.device)
+        valid = torch.zeros(batch, total, dtype=torch.bool, device=self.device)
+        for user, rows in groups:
+            table = tables[user][name]
+            padded = nn.functional.pad(table, (0, 0, 0, total - table.shape[2]))
+            p = p.index_copy(1, rows, padded.unsqueeze(1).expand(2, len(rows), h, total, d).to(p.dtype))
+            valid[rows, : table.shape[2]] = True
+        return p[0], p[1], valid
+
+    def _offset_positions(self, model, args, kwargs):
+        """Real tokens follow the prefix: position_ids += k on each prefix row."""
+        routing = active()
+        if routing is None or not self.shifts_positions:
+            return None
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        batch, q_len = tokens.shape[:2]
+        if not routing.groups(self, batch):
+            return None
+        offset = routing.per_row(self, batch, lambda user: self.methods[user].length)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            mask = kwargs.get("attention_mask")
+            if mask is not None and mask.dim() == 2:
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+            else:
+                cache = kwargs.get("cache") or kwargs.get("past_key_values")
+                past = cache.get_seq_length() if cache is not None else 0
+                positions = torch.arange(past, past + q_len, device=offset.device)[None]
+        kwargs["position_ids"] = positions + offset[:, None].to(positions.device)
+        return args, kwargs
+
+
+PrefixTuning.component = PrefixComponent

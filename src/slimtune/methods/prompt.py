@@ -1,0 +1,143 @@
+"""Prompt tuning (Lester et al., 2021): k learnable token embeddings before the input.
+
+    inputs_embeds' = [P_1 .. P_k, e(x_1) .. e(x_L)],     only P (k x d) trains
+
+Initialisations: `"vocab"` (embeddings of tokens sampled among the 5,000 most frequent, see
+`vocab.py`), `"labels"` (embeddings of the class-label words, one position per word, a
+multi-token word averaged, remaining positions sampled as in `"vocab"`: the paper's rule),
+`"uniform"` (U[-0.5, 0.5], the paper's worst), and `"text"` (the embeddings of a given text,
+repeated or cut to k tokens; with exactly k tokens the tuned model equals the frozen model run
+on `text + x`).
+
+Per row: rows of a batch may carry prompts of different lengths, or none. Their virtual tokens
+are laid out so each row's prompt sits right before its input and the padding is masked:
+decoders pad on the left (`[pad, prompt, x]`, so generation continues on the right), encoders
+on the right (`[prompt, x, pad]`, so the first position stays the first token, as pooling
+heads expect).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import TuningError
+from ..routing import Routing
+from . import vocab
+from .base import Component, InitContext, Method, expect_shapes
+
+INITS = ("vocab", "labels", "uniform", "text")
+
+
+@dataclass(frozen=True)
+class PromptTuning(Method):
+    """`length` soft prompt tokens, initialised from `init` (vocab, labels, uniform or text)."""
+
+    kind = "prompt"
+    length: int = 20
+    init: str = "vocab"
+    text: str | None = None
+    label_words: tuple[str, ...] | None = None
+    vocab_top: int = 5000
+
+    def __post_init__(self):
+        if self.length < 1:
+            raise TuningError(f"PromptTuning length must be at least 1, got {self.length}")
+        if self.init not in INITS:
+            raise TuningError(f"PromptTuning init must be one of {INITS}, got {self.init!r}")
+        if self.init == "text" and not self.text:
+            raise TuningError("PromptTuning(init='text') needs text='...'")
+        if self.init == "labels" and not self.label_words:
+            raise TuningError("PromptTuning(init='labels') needs label_words=[...], e.g. ['positive', 'negative']")
+        if isinstance(self.label_words, list):
+            object.__setattr__(self, "label_words", tuple(self.label_words))
+
+
+class PromptTuningParameters(nn.Module):
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__()
+        self.prompt = nn.Parameter(embeddings)
+
+
+class PromptComponent(Component):
+    kind = "prompt"
+
+    @property
+    def width(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    def build(self, method: PromptTuning, context: InitContext) -> nn.Module:
+        embed = self.model.get_input_embeddings()
+        k = method.length
+        with torch.no_grad():
+            if method.init == "uniform":
+                init = torch.empty(k, self.width).uniform_(-0.5, 0.5)
+            elif method.init == "text":
+                ids = vocab.cycle(context.encode(method.text, "PromptTuning(init='text')"), k)
+                init = embed(torch.tensor(ids, device=self.device)).float()
+            else:
+                rows = []
+                if method.init == "labels":
+                    for word in method.label_words[:k]:
+                        ids = context.encode(word, f"PromptTuning label word {word!r}")
+                        rows.append(embed(torch.tensor(ids, device=self.device)).float().mean(0))
+                if len(rows) < k:
+                    ids = vocab.sample_frequent(self.model, k - len(rows), context.tokenizer, method.vocab_top)
+                    rows.extend(embed(torch.tensor(ids, device=self.device)).float())
+                init = torch.stack(rows)
+        return PromptTuningParameters(init.detach().cpu())
+
+    def from_state(self, method: PromptTuning, state: dict[str, torch.Tensor]) -> nn.Module:
+        expect_shapes(state, {"prompt": (method.length, self.width)}, "PromptTuning")
+        return PromptTuningParameters(state["prompt"].detach().clone())
+
+    def state(self, user: str) -> dict[str, torch.Tensor]:
+        return {"prompt": self.tuning(user).prompt.detach()}
+
+    def lengths(self, routing: Routing, batch: int) -> torch.Tensor:
+        return routing.per_row(self, batch, lambda user: self.methods[user].length)
+
+    def prepend(
+        self, routing: Routing, embeds: torch.Tensor, mask: torch.Tensor, left: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Insert each row's prompt before its input. Returns (embeds, mask, starts): row b's
+        input now begins at position starts[b]."""
+        batch, length = embeds.shape[:2]
+        k = self.lengths(routing, batch)
+        total = int(k.max())
+        starts = torch.full_like(k, total) if left else k
+        embeds = spread(embeds, starts, total, 0.0)
+        mask = spread(mask, starts, total, 0)
+        for user, rows in routing.groups(self, batch):
+            prompt = self.tuning(user).prompt.to(embeds.dtype)
+            n = prompt.shape[0]
+            rows = torch.arange(batch, device=embeds.device) if rows is None else rows
+            first = starts[rows][:1] - n  # every row of a user starts at the same offset
+            cols = first + torch.arange(n, device=embeds.device)
+            embeds = embeds.index_put((rows[:, None], cols[None, :]), prompt.expand(len(rows), n, -1))
+            mask = mask.index_put((rows[:, None], cols[None, :]), torch.ones((), dtype=mask.dtype, device=mask.device))
+        return embeds, mask, starts
+
+
+def spread(x: torch.Tensor, starts: torch.Tensor, extra: int, fill) -> torch.Tensor:
+    """x [B, L, ...] placed at out[b, starts[b] : starts[b] + L] of a tensor `extra` positions longer."""
+    if extra == 0:
+        return x
+    batch, length = x.shape[:2]
+    out = x.new_full((batch, length + extra, *x.shape[2:]), fill)
+    index = (starts[:, None] + torch.arange(length, device=x.device)).view(batch, length, *[1] * (x.dim() - 2))
+    return out.scatter(1, index.expand_as(x), x)
+
+
+def gather_real(y: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """The inverse of `spread`: y[b, starts[b] : starts[b] + length] for each row."""
+    if y.shape[1] == length:
+        return y
+    batch = y.shape[0]
+    index = (starts[:, None] + torch.arange(length, device=y.device)).view(batch, length, *[1] * (y.dim() - 2))
+    return y.gather(1, index.expand(batch, length, *y.shape[2:]))
+
+
+PromptTuning.component = PromptComponent

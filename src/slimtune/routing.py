@@ -1,0 +1,140 @@
+"""Which rows of the current batch belong to which user's tuning.
+
+A `Routing` is set around every call through a `Bank` (a `contextvars.ContextVar`, so threads and
+asyncio tasks serving different batches never see each other's routing). The hooks and the
+attention function that the methods install read it; without an active routing they do nothing,
+so the shared model called directly is always the frozen base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+_ACTIVE: ContextVar[Routing | None] = ContextVar("slimtune_routing", default=None)
+
+# One group: a user and the batch rows that are theirs (None: every row of the batch).
+Group = tuple[str, torch.Tensor | None]
+
+
+class Routing:
+    """The users of one batch, row by row, and a per-call cache for the methods."""
+
+    def __init__(
+        self,
+        users: Sequence[str | None],
+        owners: dict[str, tuple[nn.Module, ...]],
+        device: torch.device,
+        capture: dict | None = None,
+    ):
+        self.users = list(users)
+        self.device = device
+        self.cache: dict = {}
+        self.components = list(dict.fromkeys(c for cs in owners.values() for c in cs))
+        self.capture = capture  # when a dict: attention keys/values are recorded into it, by module
+        self._owners = owners  # user -> the components that hold their tuning
+        self._groups: dict[tuple[int, int], list[Group]] = {}
+
+    def groups(self, component: nn.Module, batch: int | None = None) -> list[Group]:
+        """The (user, rows) groups of this batch whose tunings live in `component`.
+
+        `batch` may be a multiple of the number of users: `generate()` repeats each row for
+        beams or `num_return_sequences` (row i becomes rows i*f .. i*f+f-1).
+        """
+        n = len(self.users)
+        batch = n if batch is None else batch
+        key = (id(component), batch)
+        if key not in self._groups:
+            if batch % n:
+                raise RuntimeError(f"a batch of {batch} rows cannot be routed for {n} users")
+            factor = batch // n
+            rows: dict[str, list[int]] = {}
+            for i, user in enumerate(self.users):
+                if user is not None and component in self._owners.get(user, ()):
+                    rows.setdefault(user, []).extend(range(i * factor, i * factor + factor))
+            groups: list[Group] = []
+            for user, idx in rows.items():
+                everyone = len(idx) == batch
+                groups.append((user, None if everyone else torch.tensor(idx, device=self.device)))
+            self._groups[key] = groups
+        return self._groups[key]
+
+    def per_row(self, component: nn.Module, batch: int, value: Callable[[str], int]) -> torch.Tensor:
+        """A [batch] long tensor holding value(user) on each of the component's rows, 0 elsewhere."""
+        out = torch.zeros(batch, dtype=torch.long, device=self.device)
+        for user, rows in self.groups(component, batch):
+            if rows is None:
+                out.fill_(value(user))
+            else:
+                out[rows] = value(user)
+        return out
+
+
+def active() -> Routing | None:
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def routed(routing: Routing) -> Iterator[Routing]:
+    token = _ACTIVE.set(routing)
+    try:
+        yield routing
+    finally:
+        _ACTIVE.reset(token)
+
+
+def route(
+    source: torch.Tensor,
+    out: torch.Tensor,
+    groups: list[Group],
+    fn: Callable[[str, torch.Tensor], torch.Tensor],
+    replace: bool = False,
+) -> torch.Tensor:
+    """Combine `fn(user, source[rows])` into `out` on each group's rows (added, or replacing them).
+
+    Out-of-place, so each user's parameters receive gradient only from their own rows.
+    """
+    for user, rows in groups:
+        if rows is None:
+            value = fn(user, source)
+            out = value.to(out.dtype) if replace else out + value.to(out.dtype)
+        else:
+            value = fn(user, source.index_select(0, rows)).to(out.dtype)
+            out = out.index_copy(0, rows, value) if replace else out.index_add(0, rows, value)
+    return out
+
+
+def keep_routing_in_checkpoints(model: nn.Module) -> None:
+    """Make gradient-checkpointed layers see the routing again when backward recomputes them.
+
+    transformers checkpoints each layer's `forward` through `_gradient_checkpointing_func`; the
+    recomputation runs during `backward()`, after the routing context has been left. Wrapping
+    that function captures the routing at forward time and restores it for the recomputation.
+    """
+    for module in model.modules():
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if fn is not None and not getattr(fn, "_keeps_routing", False):
+            module._gradient_checkpointing_func = _with_routing(fn)
+
+
+def _with_routing(checkpoint_fn: Callable) -> Callable:
+    @functools.wraps(checkpoint_fn)
+    def checkpointed(function: Callable, *args, **kwargs):
+        routing = _ACTIVE.get()
+
+        def run(*a, **k):
+            token = _ACTIVE.set(routing)
+            try:
+                return function(*a, **k)
+            finally:
+                _ACTIVE.reset(token)
+
+        return checkpoint_fn(run, *args, **kwargs)
+
+    checkpointed._keeps_routing = True
+    return checkpointed

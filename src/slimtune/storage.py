@@ -1,0 +1,101 @@
+"""Saved tunings: a folder with `slimtune.json` (method, model fingerprint, checksum) and
+`tuning.safetensors` (only the tuning's tensors). Both are written atomically: to a temporary
+file in the same folder, then renamed, the JSON last, so a crash never leaves a tuning that
+loads half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from .errors import ModelMismatchError, TuningFileError
+
+FORMAT = "slimtune-tuning"
+VERSION = 1
+RECORD = "slimtune.json"
+TENSORS = "tuning.safetensors"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def encode(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_tensors({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
+
+
+def serialise(record: dict, tensors: dict[str, torch.Tensor]) -> tuple[bytes, bytes]:
+    """The two files of a saved tuning: (record JSON, tensors)."""
+    data = encode(tensors)
+    record = {"format": FORMAT, "version": VERSION, **record, "sha256": hashlib.sha256(data).hexdigest()}
+    return (json.dumps(record, indent=2) + "\n").encode(), data
+
+
+def write(path: str | os.PathLike, record: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    folder = Path(path)
+    record_data, tensor_data = serialise(record, tensors)
+    atomic_write(folder / TENSORS, tensor_data)
+    atomic_write(folder / RECORD, record_data)
+    return folder
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = Path(path)
+    record_file, tensor_file = folder / RECORD, folder / TENSORS
+    if not record_file.is_file() or not tensor_file.is_file():
+        raise TuningFileError(f"no slimtune tuning at '{folder}': expected the files {RECORD} and {TENSORS} there")
+    try:
+        record = json.loads(record_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TuningFileError(f"'{record_file}' is not valid JSON ({err}); the tuning is corrupt") from err
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise TuningFileError(f"'{record_file}' is not a slimtune tuning record (expected format {FORMAT!r})")
+    if record.get("version") != VERSION:
+        raise TuningFileError(f"'{folder}' has tuning format version {record.get('version')}; this slimtune reads {VERSION}")
+    data = tensor_file.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != record.get("sha256"):
+        raise TuningFileError(
+            f"'{tensor_file}' is corrupt or truncated: its checksum does not match the one recorded in {RECORD} "
+            f"({len(data)} bytes on disk)"
+        )
+    try:
+        tensors = load_tensors(data)
+    except Exception as err:  # safetensors raises its own error types
+        raise TuningFileError(f"'{tensor_file}' cannot be read as safetensors: {err}") from err
+    return record, tensors
+
+
+def check_model(stored: dict, current: dict, where: str) -> None:
+    """Refuse a tuning made for a model of another type or shape, naming the difference."""
+    if stored.get("model_type") != current.get("model_type"):
+        raise ModelMismatchError(
+            f"tuning '{where}' was made for a {stored.get('model_type')} model ({stored.get('architecture')}), "
+            f"this is a {current.get('model_type')} model ({current.get('architecture')})"
+        )
+    for field, value in stored.items():
+        if field in ("architecture", "model_type") or field not in current:
+            continue
+        if current[field] != value:
+            raise ModelMismatchError(
+                f"tuning '{where}' was made for {field} {value} ({stored.get('architecture')}), "
+                f"this model ({current.get('architecture')}) has {current[field]}"
+            )

@@ -1,0 +1,66 @@
+"""Tiny random models built from configs: fast, no downloads."""
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 96
+
+
+def tiny_gpt2():
+    config = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                        bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama():
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return LlamaForCausalLM(config)
+
+
+def tiny_bert():
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=3, pad_token_id=0)
+    return BertForSequenceClassification(config)
+
+
+def tiny_t5():
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(config)
+
+
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert, "t5": tiny_t5}
+DECODERS = ["gpt2", "llama"]
+
+
+def build(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return BUILDERS[arch]().eval()
+
+
+@pytest.fixture(params=list(BUILDERS))
+def arch(request):
+    return request.param
+
+
+def batch_for(arch: str, batch: int = 4, length: int = 7, seed: int = 1):
+    """A batch of random token ids with right padding on some rows, and the inputs the arch needs."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if arch == "t5":
+        inputs["decoder_input_ids"] = torch.randint(2, VOCAB, (batch, 4), generator=g)
+    return inputs
