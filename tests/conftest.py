@@ -1,4 +1,5 @@
-"""Tiny random models built from configs: fast, no downloads."""
+"""Tiny random models built from configs: fast, no downloads. Dropout is off so that training-mode
+runs are deterministic and comparable."""
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ VOCAB = 96
 
 def tiny_gpt2():
     config = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4,
-                        bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                        bos_token_id=0, eos_token_id=1, pad_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config)
 
 
@@ -31,13 +32,14 @@ def tiny_llama():
 
 def tiny_bert():
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=3, pad_token_id=0)
+                        intermediate_size=64, max_position_embeddings=128, num_labels=3, pad_token_id=0,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertForSequenceClassification(config)
 
 
 def tiny_t5():
     config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
     return T5ForConditionalGeneration(config)
 
 

@@ -1,0 +1,50 @@
+"""Shared test helpers: tunings with non-trivial parameters, and padded batches."""
+
+import torch
+
+import slimtune
+from conftest import VOCAB
+
+
+def perturb(parameters, seed: int = 0, scale: float = 0.1) -> None:
+    """Give freshly initialised tunings random values, so a zero-initialised one is not a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in parameters:
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+
+
+def bitfit_for(arch: str) -> slimtune.BitFit:
+    return slimtune.BitFit(add_missing=arch in ("llama", "t5"))  # Llama and T5 have no biases
+
+
+def methods_for(arch: str) -> dict[str, slimtune.Method]:
+    """One user per method, two prompt and two prefix lengths."""
+    return {
+        "lora": slimtune.LoRA(rank=4),
+        "prefix3": slimtune.PrefixTuning(length=3, reparam=None, init="random"),
+        "prefix5": slimtune.PrefixTuning(length=5),
+        "prompt2": slimtune.PromptTuning(length=2),
+        "prompt4": slimtune.PromptTuning(length=4, init="uniform"),
+        "houlsby": slimtune.Adapter(size=8),
+        "pfeiffer": slimtune.Adapter(size=4, placement="pfeiffer", activation="gelu"),
+        "bitfit": bitfit_for(arch),
+    }
+
+
+def padded_batch(arch: str, lengths: list[int], seed: int = 1):
+    """Rows of the given real lengths, padded on the left (decoders) or right (encoders)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), 1)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    left = arch in ("gpt2", "llama")
+    for b, n in enumerate(lengths):
+        cols = slice(width - n, width) if left else slice(0, n)
+        ids[b, cols] = torch.randint(2, VOCAB, (n,), generator=g)
+        mask[b, cols] = 1
+    return ids, mask
+
+
+def real_tokens(ids, mask, b):
+    return ids[b][mask[b].bool()][None]
