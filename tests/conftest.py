@@ -1,5 +1,6 @@
 """Tiny random models built from configs: fast, no downloads. Dropout is off so that training-mode
-runs are deterministic and comparable."""
+runs are deterministic and comparable. Decoders use larger initial weights than the default 0.02,
+without which a 32-wide random model cannot put a clear preference on any token."""
 
 import pytest
 import torch
@@ -19,14 +20,15 @@ VOCAB = 96
 
 def tiny_gpt2():
     config = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4,
-                        bos_token_id=0, eos_token_id=1, pad_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        bos_token_id=0, eos_token_id=1, pad_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        initializer_range=0.2)
     return GPT2LMHeadModel(config)
 
 
 def tiny_llama():
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1, initializer_range=0.2)
     return LlamaForCausalLM(config)
 
 
