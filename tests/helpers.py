@@ -3,6 +3,7 @@
 import torch
 
 import slimtune
+
 from conftest import VOCAB
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import slimtune
+
 from conftest import DECODERS, VOCAB, build
 from helpers import methods_for, padded_batch, perturb, real_tokens
 
@@ -134,7 +135,7 @@ def test_bank_training_keeps_users_apart(arch):
             out = bank(input_ids=row, users=[user], **row_extra)
             alone_loss = alone_loss + per_row(out, torch.ones_like(row)).sum()
         alone = grads(alone_loss)[user]
-        for a, m in zip(alone, mixed[user]):
+        for a, m in zip(alone, mixed[user], strict=True):
             torch.testing.assert_close(m, a, atol=1e-4, rtol=1e-3)
 
 

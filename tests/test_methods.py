@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import slimtune
+
 from conftest import BUILDERS, VOCAB, build
 from helpers import bitfit_for, padded_batch
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import slimtune
+
 from conftest import DECODERS, VOCAB, build
 from helpers import methods_for, padded_batch, perturb, real_tokens
 
@@ -78,7 +79,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
         out.loss.backward()
         grads.append({u: [p.grad.clone() for p in bank.user_parameters(u)] for u in users})
     for user in users:
-        for a, b in zip(grads[0][user], grads[1][user]):
+        for a, b in zip(grads[0][user], grads[1][user], strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 

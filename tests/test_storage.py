@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import slimtune
+from slimtune import storage
+
 from conftest import BUILDERS, VOCAB, build
 from helpers import methods_for, padded_batch, perturb
-from slimtune import storage
 
 
 def inputs_for(arch):

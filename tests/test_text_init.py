@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import slimtune
+
 from conftest import DECODERS, VOCAB, build
 
 

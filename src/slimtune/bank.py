@@ -22,8 +22,9 @@ from .methods import Method, method_from_dict
 from .methods.base import Component, InitContext
 from .methods.full import FullFineTuning
 from .methods.head import HeadComponent
-from .methods.prompt import PromptComponent, gather_real, spread
+from .methods.prompt import gather_real, spread
 from .routing import Routing, keep_routing_in_checkpoints, routed
+
 
 class Bank(nn.Module):
     """Many users' tunings over one shared, frozen model."""

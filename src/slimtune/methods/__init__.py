@@ -1,5 +1,6 @@
 """The tuning methods, one file each, and the registry that maps a saved `kind` to its config."""
 
+from ..errors import TuningFileError
 from .adapter import Adapter
 from .base import Method
 from .bitfit import BitFit
@@ -7,7 +8,6 @@ from .full import FullFineTuning
 from .lora import LoRA
 from .prefix import PrefixTuning
 from .prompt import PromptTuning
-from ..errors import TuningFileError
 
 METHODS: dict[str, type[Method]] = {
     m.kind: m for m in (PromptTuning, PrefixTuning, Adapter, LoRA, BitFit, FullFineTuning)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import modules
 from ..errors import TuningError
-from .base import SiteComponent, InitContext, Method, expect_shapes, site_key
+from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
 
 
 @dataclass(frozen=True)

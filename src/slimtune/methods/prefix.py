@@ -157,7 +157,8 @@ class PrefixParameters(nn.Module):
         else:
             self.sizes = [2 * h * d for h, d in shapes.values()]  # per prefix position
             self.embedding = nn.Embedding(k, width)
-            self.mlp = nn.Sequential(nn.Linear(width, method.mlp_hidden), nn.Tanh(), nn.Linear(method.mlp_hidden, sum(self.sizes)))
+            hidden = method.mlp_hidden
+            self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, sum(self.sizes)))
             base = torch.zeros(k, sum(self.sizes))
             if start:  # start exactly at the given prefix: P = P_0 + MLP(E) with a zero last layer
                 base = torch.cat([start[n].permute(2, 0, 1, 3).reshape(k, -1) for n in self.names], dim=1)
@@ -170,7 +171,7 @@ class PrefixParameters(nn.Module):
             return {n: self.prefix[site_key(n)] for n in self.names}
         flat = self.base + self.mlp(self.embedding.weight)  # [k, sum of 2*h*d]
         out = {}
-        for n, part in zip(self.names, flat.split(self.sizes, dim=1)):
+        for n, part in zip(self.names, flat.split(self.sizes, dim=1), strict=True):
             h, d = self.shapes[n]
             out[n] = part.reshape(self.length, 2, h, d).permute(1, 2, 0, 3)
         return out
