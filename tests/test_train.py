@@ -1,0 +1,121 @@
+"""The trainer and the CLI on a tiny model: it learns, resumes exactly, runs data-parallel, and
+trains many users at once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import model_folder, sentiment_file, tokenizer
+
+import slimtune
+from slimtune import cli
+from slimtune.data import load_task
+from slimtune.formats import Format
+from slimtune.train import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"model": model_folder(root / "model"), "data": sentiment_file(root / "data.csv"),
+            "users": sentiment_file(root / "users.csv", users=("alice", "bob"))}
+
+
+def make_trainer(tiny, out, method, steps=12, on_step=None, checkpoint_every=4):
+    from transformers import AutoModelForCausalLM
+
+    task = load_task(tiny["data"], seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    torch.manual_seed(0)
+    tuned = slimtune.attach(model, method, tokenizer=tokenizer())
+    fmt = Format.for_model(task, tokenizer(), model, max_length=16)
+    config = TrainConfig(steps=steps, batch_size=8, grad_accum=2, eval_every=6, eval_examples=12, lr=0.01,
+                         checkpoint_every=checkpoint_every, seed=3)
+    users = ["default"] * len(task.train)
+    return Trainer(tuned.bank, fmt, config, out, task.train, users, task.validation, users[: len(task.validation)],
+                   on_step=on_step), tuned
+
+
+def test_the_trainer_improves_a_tiny_model(tiny, tmp_path):
+    trainer, tuned = make_trainer(tiny, tmp_path, slimtune.LoRA(rank=4), steps=30)
+    summary = trainer.run()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 30 and log[-1]["loss"] < 0.5 * log[0]["loss"]
+    assert summary["best_validation_accuracy"] >= 0.75
+    assert summary["peak_memory_bytes"] > 0 and summary["train_seconds"] > 0
+    assert (tmp_path / "tuning" / "slimtune.json").is_file()
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", [slimtune.PrefixTuning(length=3), slimtune.Adapter(size=4)], ids=["prefix", "adapter"])
+def test_an_interrupted_run_resumes_to_the_same_end(tiny, tmp_path, method):
+    whole, _ = make_trainer(tiny, tmp_path / "whole", method)
+    whole.run()
+
+    def stop(step):
+        if step == 7:  # after the checkpoint of step 4, before the one of step 8
+            raise Interrupted
+
+    cut, _ = make_trainer(tiny, tmp_path / "cut", method, on_step=stop)
+    with pytest.raises(Interrupted):
+        cut.run()
+    resumed, _ = make_trainer(tiny, tmp_path / "cut", method)
+    resumed.run(resume=True)
+    a = load_file(tmp_path / "whole" / "checkpoint" / "trainable.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoint" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / "log.jsonl").read_text() == (tmp_path / "cut" / "log.jsonl").read_text()
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny, tmp_path):
+    trainer, _ = make_trainer(tiny, tmp_path, slimtune.LoRA(rank=2))
+    with pytest.raises(slimtune.TuningError, match="nothing to resume"):
+        trainer.run(resume=True)
+
+
+def cli_train(tiny, out, *extra):
+    return ["train", "--model", str(tiny["model"]), "--task", str(tiny["data"]), "--out", str(out), "--max-length", "16",
+            "--eval-every", "5", "--eval-examples", "8", "--seed", "1", *extra]
+
+
+def test_two_processes_equal_one_at_the_same_global_batch(tiny, tmp_path):
+    args = ["--method", "prefix", "--length", "3", "--steps", "5", "--batch-size", "8"]
+    assert cli.main(cli_train(tiny, tmp_path / "one", *args)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "slimtune.cli", *cli_train(tiny, tmp_path / "two", *args)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "checkpoint" / "trainable.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoint" / "trainable.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+
+
+def test_one_tuning_per_user_in_one_run(tiny, tmp_path):
+    args = cli_train(tiny, tmp_path, "--method", "lora", "--rank", "4", "--steps", "40", "--lr", "0.01",
+                     "--user-column", "user")
+    args[args.index("--task") + 1] = str(tiny["users"])
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["alice", "bob"]
+    assert cli.main(["eval", "--run", str(tmp_path), "--split", "test"]) == 0
+    result = json.loads((tmp_path / "eval" / "users-test.json").read_text())
+    # alice and bob have opposite labels for the same texts: only per-user tunings can beat chance.
+    assert result["accuracy"] > 0.75
+
+
+def test_cli_reports_bad_input_clearly(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    args = cli_train(tiny, tmp_path / "run", "--method", "lora")
+    args[args.index("--task") + 1] = str(empty)
+    assert cli.main(args) == 2
+    assert "empty" in capsys.readouterr().err.lower()
