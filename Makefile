@@ -22,4 +22,4 @@ test: install lint
 	$(PY) -m pytest
 
 demo: install
-	$(VENV)/bin/slimtune demo
+	$(VENV)/bin/slimtune compare

@@ -35,6 +35,9 @@ class Bank(nn.Module):
         self.tokenizer = tokenizer
         self.parts = nn.ModuleDict()  # method kind -> Component holding every user of that method
         self._methods: dict[str, Method] = {}
+        self._takes_positions = modules.accepts(model, "position_ids")
+        self._pads_left = modules.is_causal_decoder(model)
+        self._encoder_decoder = modules.is_encoder_decoder(model)
         model.requires_grad_(False)
 
     # --- users -------------------------------------------------------------------------------
@@ -150,7 +153,10 @@ class Bank(nn.Module):
         return Routing(users, owners, device)
 
     def _start(self, routing: Routing) -> None:
-        keep_routing_in_checkpoints(self.model)
+        if getattr(self.model, "is_activation_checkpointing", False):  # transformers >= 5.24's name
+            keep_routing_in_checkpoints(self.model)
+        elif not hasattr(type(self.model), "is_activation_checkpointing"):
+            keep_routing_in_checkpoints(self.model)  # older releases: cheap enough to always do
         for part in self.parts.values():
             part.prepare(routing)
 
@@ -168,7 +174,7 @@ class Bank(nn.Module):
             if embeds is None:
                 embeds = self.model.get_input_embeddings()(ids)
             embeds, kwargs["attention_mask"], starts = prompt.prepend(
-                routing, embeds, kwargs["attention_mask"], left=modules.is_causal_decoder(self.model)
+                routing, embeds, kwargs["attention_mask"], left=self._pads_left
             )
             kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
             extra = embeds.shape[1] - length
@@ -177,9 +183,9 @@ class Bank(nn.Module):
             if kwargs.get("position_ids") is not None:
                 raise TuningError("position_ids cannot be given for rows with prompt tuning; they follow from the mask")
             labels = kwargs.get("labels")
-            if labels is not None and labels.dim() == 2 and not modules.is_encoder_decoder(self.model):
+            if labels is not None and labels.dim() == 2 and not self._encoder_decoder:
                 kwargs["labels"] = spread(labels, starts, extra, -100)
-        if kwargs.get("position_ids") is None and modules.accepts(self.model, "position_ids"):
+        if kwargs.get("position_ids") is None and self._takes_positions:
             # As generate() does, so a padded row gets the positions it would get alone.
             mask = kwargs["attention_mask"]
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -196,7 +202,8 @@ class Bank(nn.Module):
             inputs, starts, length = self._inputs(routing, kwargs)
             out = self.model(**inputs)
         logits = getattr(out, "logits", None)
-        if starts is not None and logits is not None and logits.dim() == 3 and not modules.is_encoder_decoder(self.model):
+        virtual = starts is not None and logits is not None and logits.dim() == 3 and not self._encoder_decoder
+        if virtual and logits.shape[1] == inputs["inputs_embeds"].shape[1]:  # else logits_to_keep kept real columns only
             out["logits"] = gather_real(logits, starts, length)
         return out
 
@@ -210,7 +217,7 @@ class Bank(nn.Module):
             self._start(routing)
             inputs, starts, _ = self._inputs(routing, {"input_ids": input_ids, "attention_mask": attention_mask})
             inputs.pop("position_ids", None)  # generate() derives them from the mask at every step
-            if starts is None or modules.is_encoder_decoder(self.model):
+            if starts is None or self._encoder_decoder:
                 return self.model.generate(**{k: v for k, v in inputs.items() if v is not None}, **kwargs)
             # From inputs_embeds, a decoder's generate() returns only the new tokens.
             out = self.model.generate(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], **kwargs)

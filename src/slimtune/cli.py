@@ -199,6 +199,7 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="slimtune", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
+    sub.add_parser("compare", help="every method side by side on one task (see: slimtune compare --help)")
 
     train = sub.add_parser("train", help="train a tuning on a task")
     train.add_argument("--model", default="smollm2-135m", help="smollm2-135m, minilm-l6, a local HF folder or a hub id")
@@ -229,6 +230,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # its own parser: the options of the comparison study
+        from .compare import main as compare_main
+
+        try:
+            return compare_main(argv[1:])
+        except (TuningError, DataError) as err:
+            print(f"slimtune: error: {err}", file=sys.stderr)
+            return 2
     args = parser().parse_args(argv)
     try:
         return args.func(args)

@@ -33,6 +33,7 @@ from .bank import Bank
 from .data import Example
 from .errors import TuningError
 from .formats import Format, loss_sum, metrics, predict
+from .modules import accepts
 
 # Prompt and prefix tuning need far larger rates than weights that are already well placed.
 DEFAULT_LR = {"prompt": 3e-2, "prefix": 5e-3, "adapter": 1e-3, "lora": 1e-3, "bitfit": 2e-3, "full": 3e-5}
@@ -82,6 +83,7 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.device = next(bank.model.parameters()).device
         self.params = self._trainable()
+        self._keeps_logits = fmt.style != "head" and accepts(bank.model, "logits_to_keep")
         kind = bank.method(self.users[0]).kind
         self.lr = config.lr if config.lr is not None else DEFAULT_LR[kind]
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=self.lr, weight_decay=config.weight_decay)
@@ -174,6 +176,10 @@ class Trainer:
                 continue
             inputs = self.fmt.batch([self.train[i] for i in mine], self.device)
             labels, _ = inputs.pop("labels"), inputs.pop("weights")
+            keep = self._logits_to_keep(labels)
+            if keep:  # the loss needs logits only where the (right-aligned) targets are
+                inputs["logits_to_keep"] = keep
+                labels = labels[:, -keep:]
             out = self.bank(users=[self.train_users[i] for i in mine], **inputs)
             loss = loss_sum(out.logits, labels) / max(1, total)
             loss.backward()
@@ -193,6 +199,14 @@ class Trainer:
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value
+
+    def _logits_to_keep(self, labels: torch.Tensor) -> int:
+        """With left padding the targets end every row: the model need only project the last columns
+        onto the vocabulary (and one before, whose logits predict the first target token)."""
+        if labels.dim() != 2 or not self._keeps_logits:
+            return 0
+        columns = (labels != -100).any(0).nonzero()
+        return 0 if len(columns) == 0 else labels.shape[1] - int(columns[0]) + 1
 
     def _primary(self, result: dict) -> float:
         return result[primary_metric(self.fmt)]

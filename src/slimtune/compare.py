@@ -1,0 +1,346 @@
+"""`slimtune compare`: every method on the same frozen model, the same data, the same evaluation.
+
+Model tuning (full fine-tuning), prompt design (no training), prompt tuning, prefix tuning,
+adapters, LoRA and BitFit are trained and evaluated on one task, scored in distribution and on
+an out-of-distribution task, and written to a folder as a table (Markdown, CSV, JSON) and plots.
+Each trained method runs in its own process, so its peak memory is its own. `--ablation init`
+and `--ablation length` compare prompt-tuning initialisations and prompt lengths instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Budgets: `quick` finishes in minutes on 2 CPU cores, `full` is for published figures, `smoke`
+# only proves the pipeline runs (CI).
+BUDGETS = {
+    "smoke": {"steps": 2, "batch_size": 4, "max_length": 48, "eval_examples": 4, "test_examples": 8},
+    "quick": {"steps": 60, "batch_size": 8, "max_length": 64, "eval_examples": 64, "test_examples": 200},
+    "full": {"steps": 400, "batch_size": 16, "max_length": 128, "eval_examples": 300, "test_examples": None},
+}
+METHODS = ["full", "design", "design-4shot", "prompt", "prefix", "adapter", "lora", "bitfit"]
+LABELS = {"full": "model tuning", "design": "prompt design (0-shot)", "design-4shot": "prompt design (4-shot)",
+          "prompt": "prompt tuning", "prefix": "prefix tuning", "adapter": "adapters (Houlsby)", "lora": "LoRA",
+          "bitfit": "BitFit"}
+# Learning rates for these short budgets (the method defaults are for longer runs).
+COMPARE_LR = {"prompt": 0.3, "prefix": 1e-2, "adapter": 2e-3, "lora": 2e-3, "bitfit": 1e-2, "full": 5e-5}
+
+
+@dataclass
+class Spec:
+    """One configuration, run in a child process."""
+
+    model: str
+    task: str
+    ood_task: str | None
+    method: str  # a key of METHODS, or "prompt" with options
+    budget: str
+    seed: int
+    options: dict = field(default_factory=dict)  # method settings (ablations: init, length)
+    label: str = ""
+
+
+def method_config(spec: Spec, task, model):
+    import slimtune
+    from slimtune.modules import head_names
+
+    kind, o = spec.method, spec.options
+    if kind == "prompt":
+        init = o.get("init") or ("labels" if task.kind == "classification" and not head_names(model) else "vocab")
+        words = tuple(task.label_words[label] for label in task.labels) if init == "labels" else None
+        return slimtune.PromptTuning(length=o.get("length", 20), init=init, label_words=words)
+    if kind == "prefix":
+        return slimtune.PrefixTuning(length=o.get("length", 10))
+    if kind == "adapter":
+        return slimtune.Adapter(size=o.get("size", 64))
+    if kind == "lora":
+        return slimtune.LoRA(rank=o.get("rank", 8), alpha=16)
+    if kind == "bitfit":
+        has_bias = any(getattr(m, "bias", None) is not None for m in model.modules() if hasattr(m, "weight"))
+        return slimtune.BitFit(add_missing=not has_bias)
+    return slimtune.FullFineTuning()
+
+
+def run_spec(spec: Spec, out: Path) -> dict:
+    """Train (unless prompt design) and evaluate one configuration; returns its table row."""
+    import torch
+
+    import slimtune
+    from slimtune.cli import open_model
+    from slimtune.data import load_task
+    from slimtune.design import PromptDesign
+    from slimtune.formats import Format, metrics, predict
+    from slimtune.train import TrainConfig, Trainer, peak_memory
+
+    budget = BUDGETS[spec.budget]
+    torch.manual_seed(spec.seed)
+    task = load_task(spec.task, seed=spec.seed)
+    ood = load_task(spec.ood_task, seed=spec.seed) if spec.ood_task else None
+    model, tokenizer = open_model(spec.model, task)
+    n_params = sum(p.numel() for p in model.parameters())
+    row = {"method": spec.label or LABELS.get(spec.method, spec.method), "kind": spec.method, "model": spec.model,
+           "model_parameters": n_params, "task": task.name, "ood_task": ood.name if ood else None, "seed": spec.seed,
+           "budget": spec.budget, **spec.options}
+    test = task.test[: budget["test_examples"]]
+    ood_test = ood.test[: budget["test_examples"]] if ood else []
+    started = time.perf_counter()
+    if spec.method.startswith("design"):
+        if type(model).__name__.endswith("ForSequenceClassification"):
+            return {**row, "skipped": f"prompt design needs a language-model head; {spec.model} has none"}
+        design = PromptDesign(examples=4 if spec.method == "design-4shot" else 0, seed=spec.seed)
+        bank = slimtune.Bank(model, tokenizer)
+        scores = {}
+        for name, t, examples in [("in", task, test), ("ood", ood, ood_test)]:
+            if t is None:
+                continue
+            fmt = design.format(t, tokenizer, max_length=budget["max_length"])
+            scores[name] = metrics(t, examples, predict(bank, fmt, examples, [None] * len(examples)))
+        row.update(trainable=0, share=0.0, bytes_stored=len(fmt.template.encode()), train_seconds=0.0, steps=0)
+    else:
+        method = method_config(spec, task, model)
+        tuned = slimtune.attach(model, method, tokenizer=tokenizer)
+        fmt = Format.for_model(task, tokenizer, model, max_length=budget["max_length"])
+        config = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=COMPARE_LR[spec.method],
+                             eval_every=budget["steps"], eval_examples=budget["eval_examples"], seed=spec.seed,
+                             warmup=0.1)
+        users = ["default"] * len(task.train)
+        trainer = Trainer(tuned.bank, fmt, config, out, task.train, users, task.validation, users)
+        summary = trainer.run()
+        tuned.eval()
+        scores = {"in": metrics(task, test, predict(tuned.bank, fmt, test, ["default"] * len(test)))}
+        if ood is not None:
+            ood_fmt = Format.for_model(ood, tokenizer, model, max_length=budget["max_length"])
+            predictions = predict(tuned.bank, _cross_task(ood_fmt, fmt), ood_test, ["default"] * len(ood_test))
+            scores["ood"] = metrics(ood, ood_test, _translate(predictions, task, ood, ood_fmt.style))
+        report = slimtune.parameter_report(tuned)
+        row.update(trainable=report.trainable, share=report.trainable / n_params, bytes_stored=report.bytes_stored,
+                   train_seconds=summary["train_seconds"], steps=summary["steps"], lr=summary["lr"])
+    key = "accuracy" if task.kind == "classification" else "rougeL"
+    row["metric"] = key
+    row["in_distribution"] = scores["in"][key]
+    row["in_distribution_all"] = scores["in"]
+    if "ood" in scores:
+        row["out_of_distribution"] = scores["ood"][key]
+        row["out_of_distribution_all"] = scores["ood"]
+    row["wall_seconds"] = round(time.perf_counter() - started, 1)
+    row["peak_memory_bytes"] = peak_memory(next(model.parameters()).device)
+    return row
+
+
+def _cross_task(ood_fmt, fmt):
+    """A head is read through the training task's labels; a verbalizer uses the OOD task's own words."""
+    return fmt if fmt.style == "head" else ood_fmt
+
+
+def _translate(predictions, task, ood, style):
+    if style != "head":
+        return predictions
+    by_word = {ood.label_words[label]: label for label in ood.labels}
+    return [by_word.get(task.label_words[p], p) for p in predictions]
+
+
+# --- the parent: run every configuration in its own process, then write tables and plots ----------
+
+def run_all(specs: list[Spec], out: Path, progress_label: str = "compare") -> list[dict]:
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    bar = tqdm(specs, desc=progress_label, unit="run", dynamic_ncols=True)
+    for i, spec in enumerate(bar):
+        bar.set_postfix_str(f"{spec.label or LABELS.get(spec.method, spec.method)} on {spec.model}")
+        run_dir = out / "runs" / f"{i:02d}-{slug(spec.model)}-{spec.method}{_suffix(spec.options)}"
+        command = [sys.executable, "-m", "slimtune.compare", "--child", json.dumps(asdict(spec)), "--child-out", str(run_dir)]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            raise RuntimeError(f"{spec.method} on {spec.model} failed (exit {done.returncode}); see the error above")
+        rows.append(json.loads(lines[-1]))
+        write_table(rows, out)
+    return rows
+
+
+def slug(model: str) -> str:
+    """A file-name-safe name for a model given by name or path."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name or model)
+
+
+def _suffix(options: dict) -> str:
+    return "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+
+
+COLUMNS = ["method", "model", "in_distribution", "out_of_distribution", "trainable", "share", "bytes_stored",
+           "train_seconds", "peak_memory_bytes"]
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    from . import storage
+
+    storage.atomic_write(out / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
+    with open(out / "results.csv.tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "init", "length", "task", "ood_task", "metric", "seed", "budget"],
+                               extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(out / "results.csv.tmp", out / "results.csv")
+    storage.atomic_write(out / "results.md", markdown(rows).encode())
+
+
+def markdown(rows: list[dict]) -> str:
+    shown = [r for r in rows if "skipped" not in r]
+    if not shown:
+        return ""
+    first = shown[0]
+    metric = first.get("metric", "score")
+    ood = first.get("ood_task")
+    head = f"| method | model | {first['task']} ({metric}) |" + (f" {ood} ({metric}, OOD) |" if ood else "")
+    head += " trainable | share of model | stored per task | train time | peak memory |\n"
+    head += "|---|---|---|" + ("---|" if ood else "") + "---|---|---|---|---|\n"
+    lines = []
+    for r in shown:
+        cells = [r["method"], r["model"], f"{r['in_distribution']:.3f}"]
+        if ood:
+            cells.append(f"{r.get('out_of_distribution', float('nan')):.3f}")
+        cells += [f"{r['trainable']:,}", f"{100 * r['share']:.3f}%", human_bytes(r["bytes_stored"]),
+                  f"{r['train_seconds']:.0f} s", human_bytes(r["peak_memory_bytes"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped = [f"\n{r['method']} on {r['model']}: {r['skipped']}" for r in rows if "skipped" in r]
+    return head + "\n".join(lines) + "\n" + "".join(skipped) + ("\n" if skipped else "")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ["B", "KB", "MB", "GB"]:
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path]:
+    """PNG plots: score against trainable share, in- vs out-of-distribution, and score against model size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if "skipped" not in r]
+    made = []
+    metric = shown[0]["metric"] if shown else "score"
+    if ablation:
+        key = "init" if ablation == "init" else "length"
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for model in sorted({r["model"] for r in shown}):
+            mine = [r for r in shown if r["model"] == model]
+            xs = [str(r[key]) for r in mine]
+            ax.plot(xs, [r["in_distribution"] for r in mine], "o-", label=f"{model}, in-distribution")
+            if any("out_of_distribution" in r for r in mine):
+                ax.plot(xs, [r.get("out_of_distribution") for r in mine], "s--", label=f"{model}, out-of-distribution")
+        ax.set_xlabel("prompt initialisation" if key == "init" else "prompt length")
+        ax.set_ylabel(metric)
+        ax.set_title(f"Prompt tuning: {key} ablation")
+        ax.legend()
+        fig.tight_layout()
+        made.append(out / f"ablation-{key}.png")
+        fig.savefig(made[-1], dpi=120)
+        plt.close(fig)
+        return made
+    for model in sorted({r["model"] for r in shown}):
+        mine = [r for r in shown if r["model"] == model]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in mine:
+            share = max(r["share"], 1e-7)  # prompt design trains nothing: drawn at the left edge
+            ax.scatter(share, r["in_distribution"], s=50)
+            ax.annotate(r["method"], (share, r["in_distribution"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable share of the model (log; prompt design at 1e-7)")
+        ax.set_ylabel(f"{metric} ({mine[0]['task']}, test)")
+        ax.set_title(f"Quality against trainable parameters: {model}")
+        fig.tight_layout()
+        made.append(out / f"score-vs-share-{slug(model)}.png")
+        fig.savefig(made[-1], dpi=120)
+        plt.close(fig)
+        if any("out_of_distribution" in r for r in mine):
+            fig, ax = plt.subplots(figsize=(8, 4.5))
+            xs = range(len(mine))
+            ax.bar([x - 0.2 for x in xs], [r["in_distribution"] for r in mine], 0.4, label=f"{mine[0]['task']} (in)")
+            ax.bar([x + 0.2 for x in xs], [r.get("out_of_distribution", 0) for r in mine], 0.4,
+                   label=f"{mine[0]['ood_task']} (out)")
+            ax.set_xticks(list(xs), [r["method"] for r in mine], rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel(metric)
+            ax.set_title(f"In- and out-of-distribution: {model}")
+            ax.legend()
+            fig.tight_layout()
+            made.append(out / f"in-vs-ood-{slug(model)}.png")
+            fig.savefig(made[-1], dpi=120)
+            plt.close(fig)
+    models = sorted({r["model"] for r in shown})
+    if len(models) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for kind in ["full", "design", "prompt"]:
+            points = sorted((r["model_parameters"], r["in_distribution"]) for r in shown if r["kind"] == kind)
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-", label=LABELS[kind])
+        ax.set_xscale("log")
+        ax.set_xlabel("model parameters (log)")
+        ax.set_ylabel(metric)
+        ax.set_title("Quality against model size")
+        ax.legend()
+        fig.tight_layout()
+        made.append(out / "score-vs-model-size.png")
+        fig.savefig(made[-1], dpi=120)
+        plt.close(fig)
+    return made
+
+
+def specs_for(models: list[str], task: str, ood: str | None, methods: list[str], budget: str, seed: int,
+              ablation: str | None) -> list[Spec]:
+    if ablation == "init":
+        return [Spec(m, task, ood, "prompt", budget, seed, {"init": i, "length": 20}, f"prompt tuning, {i} init")
+                for m in models for i in ["uniform", "vocab", "labels"]]
+    if ablation == "length":
+        return [Spec(m, task, ood, "prompt", budget, seed, {"length": n}, f"prompt tuning, length {n}")
+                for m in models for n in [1, 5, 20, 100]]
+    return [Spec(m, task, ood, method, budget, seed) for m in models for method in methods]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="slimtune compare", description=__doc__)
+    p.add_argument("--model", nargs="+", default=["smollm2-135m"], help="one or more models (several: a scaling plot)")
+    p.add_argument("--task", default="rotten-tomatoes")
+    p.add_argument("--ood-task", default=None, help="default: amazon-food for rotten-tomatoes, none otherwise")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    p.add_argument("--budget", choices=list(BUDGETS), default="quick")
+    p.add_argument("--ablation", choices=["init", "length"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_spec(Spec(**json.loads(args.child)), Path(args.child_out))))
+        return 0
+    ood = args.ood_task or {"rotten-tomatoes": "amazon-food", "amazon-food": "rotten-tomatoes",
+                            "bbc-headline-ood": None}.get(args.task)
+    out = Path(args.out)
+    specs = specs_for(args.model, args.task, ood, args.methods, args.budget, args.seed, args.ablation)
+    started = time.perf_counter()
+    rows = run_all(specs, out)
+    made = plots(rows, out, args.ablation)
+    print()
+    print(markdown(rows))
+    print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s; table and plots in {out}/: "
+          f"results.md, results.csv, results.json, {', '.join(p.name for p in made)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The comparison study: prompt design, the compare pipeline on a tiny model, and a smoke run of
+the README's main job on the real default model and data."""
+
+import csv
+import json
+
+import pytest
+from tiny import model_folder, sentiment_file, tokenizer
+
+from slimtune import compare
+from slimtune.data import load_task
+from slimtune.design import PromptDesign
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-compare")
+    return {"model": model_folder(root / "model"), "data": sentiment_file(root / "data.csv"),
+            "ood": sentiment_file(root / "ood.csv", seed=5)}
+
+
+def test_prompt_design_slots_the_input_after_instructions_and_demonstrations(tiny):
+    task = load_task(tiny["data"])
+    fmt = PromptDesign(template="Text : {text} Label :", examples=3, seed=1).format(task, tokenizer())
+    prompt = fmt.prompt(task.test[0])
+    assert prompt.endswith(f"Text : {task.test[0].text} Label :")
+    assert prompt.count("Label :") == 4  # three demonstrations, then the input
+    demos = prompt.rsplit("\n\n", 1)[0]
+    assert all(f"Label : {word}" in demos or word not in demos for word in ("yes", "no"))
+    assert fmt.prompt(task.test[0]) == PromptDesign(template="Text : {text} Label :", examples=3, seed=1).format(
+        task, tokenizer()).prompt(task.test[0])
+
+
+def test_compare_writes_the_table_and_plots(tiny, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),
+            "--methods", "design", "prompt", "lora", "full", "--budget", "smoke", "--out", str(out)]
+    assert compare.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["kind"] for r in rows] == ["design", "prompt", "lora", "full"]
+    for r in rows:
+        assert 0 <= r["in_distribution"] <= 1 and 0 <= r["out_of_distribution"] <= 1
+        assert r["peak_memory_bytes"] > 0
+    by_kind = {r["kind"]: r for r in rows}
+    assert by_kind["design"]["trainable"] == 0
+    assert 0 < by_kind["lora"]["share"] < by_kind["full"]["share"] == 1.0
+    assert by_kind["lora"]["bytes_stored"] < by_kind["full"]["bytes_stored"]
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert "| LoRA |" in (out / "results.md").read_text()
+    assert (out / "in-vs-ood-model.png").exists() and (out / "score-vs-share-model.png").exists()
+
+
+def test_the_init_ablation_runs_each_initialisation(tiny, tmp_path):
+    out = tmp_path / "ablation"
+    args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--budget", "smoke", "--ablation", "init",
+            "--out", str(out)]
+    assert compare.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["init"] for r in rows] == ["uniform", "vocab", "labels"]
+    assert (out / "ablation-init.png").exists()
+
+
+@pytest.mark.integration
+def test_the_main_job_runs_on_the_real_default_in_smoke_mode(tmp_path):
+    """`slimtune compare` with no arguments but a smoke budget: SmolLM2, Rotten Tomatoes -> Amazon."""
+    out = tmp_path / "compare"
+    assert compare.main(["--budget", "smoke", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["kind"] for r in rows} == set(compare.METHODS)
+    assert all(r["model"] == "smollm2-135m" and r["ood_task"] == "amazon-food" for r in rows)
