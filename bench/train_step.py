@@ -1,7 +1,9 @@
 """Training-step benchmark: median step time and peak memory of every method, beside HF PEFT.
 
 Each configuration runs in its own process (so peak memory is its own), on the same model and the
-same batch: `smollm2-135m`, 8 rows x 128 tokens of real Rotten Tomatoes text, AdamW. Run by hand:
+same batch: `smollm2-135m`, 8 rows x 128 tokens of real Rotten Tomatoes text, language-model loss on
+every token, AdamW. slimtune's step is the trainer's (`slimtune.train.summed_loss`); PEFT's is
+`model(**batch).loss`, as its documentation trains. Run by hand:
 
     python bench/train_step.py                      # all configurations, writes bench/results/train_step.json
     python bench/train_step.py --only slimtune-lora --steps 3
@@ -85,10 +87,25 @@ def run_one(name: str, steps: int, warmup: int, rows: int, length: int) -> dict:
     tuned, params = build(name, model, tokenizer)
     tuned.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if name.startswith("slimtune-") or name == "full":  # slimtune's training step, as `slimtune train` runs it
+        from slimtune.losses import fusable_head
+        from slimtune.train import summed_loss
+
+        head = fusable_head(model)
+        labels = inputs.pop("labels")
+        terms = int((labels[:, 1:] != -100).sum())
+
+        def loss_of():
+            return summed_loss(tuned.bank, [tuned.user] * len(labels), dict(inputs), labels, head) / terms
+    else:
+
+        def loss_of():
+            return tuned(**inputs).loss
+
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        loss = tuned(**inputs).loss
+        loss = loss_of()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

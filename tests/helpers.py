@@ -12,7 +12,7 @@ def perturb(parameters, seed: int = 0, scale: float = 0.1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in parameters:
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * scale)
 
 
 def bitfit_for(arch: str) -> slimtune.BitFit:

@@ -119,3 +119,27 @@ def test_cli_reports_bad_input_clearly(tiny, tmp_path, capsys):
     args[args.index("--task") + 1] = str(empty)
     assert cli.main(args) == 2
     assert "empty" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_fused_language_model_loss_equals_the_ordinary_one(arch):
+    from slimtune.losses import fusable_head, linear_cross_entropy, loss_sum
+
+    from conftest import build
+
+    model = build(arch)
+    tuned = slimtune.attach(model, slimtune.PromptTuning(length=3))
+    ids = torch.randint(2, 90, (3, 7), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) < 0.3, -100)
+    head = fusable_head(model)
+    assert head is model.get_output_embeddings()
+    want = loss_sum(tuned(input_ids=ids).logits, labels)
+    want.backward()
+    want_grad = tuned.tuning_parameters()[0].grad.clone()
+    tuned.zero_grad()
+    hidden = tuned.bank(input_ids=ids, users=["default"] * 3, hidden_states_only=True).last_hidden_state
+    got = linear_cross_entropy(hidden, head, labels, chunk=4)
+    got.backward()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(tuned.tuning_parameters()[0].grad, want_grad, atol=1e-5, rtol=1e-4)
+    assert fusable_head(slimtune.attach(build(arch), slimtune.FullFineTuning()).model) is None  # a trained head

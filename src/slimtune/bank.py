@@ -192,14 +192,25 @@ class Bank(nn.Module):
         return kwargs, starts, length
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                users: Sequence[str | None] | None = None, **kwargs):
-        """Run the model with row i under users[i]'s tuning. Logits come back aligned with `input_ids`."""
+                users: Sequence[str | None] | None = None, hidden_states_only: bool = False, **kwargs):
+        """Run the model with row i under users[i]'s tuning. Logits come back aligned with `input_ids`.
+
+        `hidden_states_only=True` runs the body without its task head and returns its output, the
+        last hidden states aligned with `input_ids` (for losses that apply the head themselves).
+        """
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask)
         source = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         routing = self._routing(users, source.shape[0], source.device)
         with routed(routing):
             self._start(routing)
             inputs, starts, length = self._inputs(routing, kwargs)
+            if hidden_states_only:
+                for head_only in ("labels", "logits_to_keep"):
+                    inputs.pop(head_only, None)
+                out = modules.body(self.model)(**inputs)
+                if starts is not None:
+                    out["last_hidden_state"] = gather_real(out.last_hidden_state, starts, length)
+                return out
             out = self.model(**inputs)
         logits = getattr(out, "logits", None)
         virtual = starts is not None and logits is not None and logits.dim() == 3 and not self._encoder_decoder

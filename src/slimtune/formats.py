@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from .data import Example, Task
 from .errors import TuningError
@@ -130,15 +129,6 @@ class Format:
         weights = (labels[:, 1:] != -100).sum()
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
         return {k: v.to(device) for k, v in out.items()}
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy: next-token for language models ([B, L, V] logits), per example for heads."""
-    if logits.dim() == 2:
-        return F.cross_entropy(logits.float(), labels, reduction="sum")
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
 
 
 @torch.no_grad()

@@ -134,5 +134,11 @@ def is_causal_decoder(model: nn.Module) -> bool:
     return not is_encoder_decoder(model) and any(getattr(m, "is_causal", False) is True for m in model.modules())
 
 
+def body(model: nn.Module) -> nn.Module:
+    """The pretrained body under a task head (`model.model` of LlamaForCausalLM), or the model itself."""
+    inner = getattr(model, "base_model", model)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def accepts(model: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters

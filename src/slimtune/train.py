@@ -32,7 +32,8 @@ from . import storage
 from .bank import Bank
 from .data import Example
 from .errors import TuningError
-from .formats import Format, loss_sum, metrics, predict
+from .formats import Format, metrics, predict
+from .losses import fusable_head, linear_cross_entropy, loss_sum
 from .modules import accepts
 
 # Prompt and prefix tuning need far larger rates than weights that are already well placed.
@@ -84,6 +85,7 @@ class Trainer:
         self.device = next(bank.model.parameters()).device
         self.params = self._trainable()
         self._keeps_logits = fmt.style != "head" and accepts(bank.model, "logits_to_keep")
+        self._head = fusable_head(bank.model) if fmt.style != "head" else None
         kind = bank.method(self.users[0]).kind
         self.lr = config.lr if config.lr is not None else DEFAULT_LR[kind]
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=self.lr, weight_decay=config.weight_decay)
@@ -180,8 +182,8 @@ class Trainer:
             if keep:  # the loss needs logits only where the (right-aligned) targets are
                 inputs["logits_to_keep"] = keep
                 labels = labels[:, -keep:]
-            out = self.bank(users=[self.train_users[i] for i in mine], **inputs)
-            loss = loss_sum(out.logits, labels) / max(1, total)
+            users = [self.train_users[i] for i in mine]
+            loss = summed_loss(self.bank, users, inputs, labels, self._head) / max(1, total)
             loss.backward()
             loss_value += loss.item()
         grads = [p for _, p in self.params]
@@ -291,6 +293,16 @@ class Trainer:
             log = self.out / "log.jsonl"
             kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             storage.atomic_write(log, "".join(line + "\n" for line in kept).encode())
+
+
+def summed_loss(bank: Bank, users: list[str], inputs: dict, labels: torch.Tensor, head: torch.nn.Linear | None):
+    """A batch's summed loss: through `linear_cross_entropy` when the model's output projection is
+    frozen and plain (`head`), never holding the logits; else from the logits."""
+    if head is None:
+        return loss_sum(bank(users=users, **inputs).logits, labels)
+    keep = inputs.pop("logits_to_keep", 0)
+    hidden = bank(users=users, hidden_states_only=True, **inputs).last_hidden_state
+    return linear_cross_entropy(hidden[:, -keep:] if keep else hidden, head, labels)
 
 
 def peak_memory(device: torch.device) -> int:

@@ -82,9 +82,13 @@ class LoRAComponent(SiteComponent):
         tunings = [self.tuning(u) for u in users]
         a = torch.stack([t.A[key] for t in tunings])[which]  # [n, r, d_in]
         b = torch.stack([t.B[key] for t in tunings])[which]  # [n, d_out, r]
-        scale = torch.tensor([t.scale for t in tunings], dtype=a.dtype, device=a.device)[which]
         h = tunings[0].dropout(x).to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
-        out = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2)) * scale[:, None, None]
+        out = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
+        scales = {t.scale for t in tunings}
+        if len(scales) == 1:
+            out = out * scales.pop()
+        else:  # users of different alpha: a per-row scale (built on the host, so only in this rare case)
+            out = out * torch.tensor([t.scale for t in tunings], dtype=out.dtype).to(out.device)[which][:, None, None]
         return out.reshape(*x.shape[:-1], b.shape[1])
 
     def sites(self, method: LoRA) -> dict[str, tuple[int, int]]:

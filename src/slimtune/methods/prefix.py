@@ -185,8 +185,10 @@ class PrefixComponent(Component):
         use_prefix_attention(model)
         self.sites = self._probe()  # module -> (name, kv_heads, head_dim)
         self.names = {name: module for module, (name, _, _) in self.sites.items()}
-        self.shifts_positions = modules.accepts(model, "position_ids")
-        self._handles.append(model.register_forward_pre_hook(self._offset_positions, with_kwargs=True))
+        # On the body (LlamaModel inside LlamaForCausalLM): every path to the layers goes through it.
+        body = modules.body(model)
+        self.shifts_positions = modules.accepts(body, "position_ids")
+        self._handles.append(body.register_forward_pre_hook(self._offset_positions, with_kwargs=True))
 
     def _run_capture(self, ids: torch.Tensor, decoder_ids: torch.Tensor) -> dict:
         capture: dict = {}
@@ -264,15 +266,18 @@ class PrefixComponent(Component):
             p = table.unsqueeze(1).expand(2, batch, *table.shape[1:])
             valid = torch.ones(batch, total, dtype=torch.bool, device=table.device)
             return p[0], p[1], valid
+        # Many users: one stack of their (padded) prefixes and one gather by row, not a loop over users.
+        users, rows, which = routing.stacked(self, batch)
+        padded = torch.stack([nn.functional.pad(tables[u][name], (0, 0, 0, total - lengths[u])) for u in users])
         h, d = site[1], site[2]
-        p = torch.zeros(2, batch, h, total, d, dtype=self.dtype, device=self.device)
-        valid = torch.zeros(batch, total, dtype=torch.bool, device=self.device)
-        for user, rows in groups:
-            table = tables[user][name]
-            padded = nn.functional.pad(table, (0, 0, 0, total - table.shape[2]))
-            p = p.index_copy(1, rows, padded.unsqueeze(1).expand(2, len(rows), h, total, d).to(p.dtype))
-            valid[rows, : table.shape[2]] = True
-        return p[0], p[1], valid
+        p = padded.new_zeros(batch, 2, h, total, d).index_copy(0, rows, padded[which])
+        key = ("prefix-columns", id(self), batch)  # the same for every layer of this batch
+        if key not in routing.cache:
+            k = torch.tensor([lengths[u] for u in users], device=rows.device)[which]
+            valid = torch.zeros(batch, total, dtype=torch.bool, device=rows.device)
+            valid[rows] = torch.arange(total, device=rows.device)[None, :] < k[:, None]
+            routing.cache[key] = valid
+        return p[:, 0], p[:, 1], routing.cache[key]
 
     def _offset_positions(self, model, args, kwargs):
         """Real tokens follow the prefix: position_ids += k on each prefix row."""
