@@ -7,6 +7,7 @@ import json
 import pytest
 from tiny import model_folder, sentiment_file, tokenizer
 
+import slimtune
 from slimtune import compare
 from slimtune.data import load_task
 from slimtune.design import PromptDesign
@@ -69,3 +70,29 @@ def test_the_main_job_runs_on_the_real_default_in_smoke_mode(tmp_path):
     rows = json.loads((out / "results.json").read_text())
     assert {r["kind"] for r in rows} == set(compare.METHODS)
     assert all(r["model"] == "smollm2-135m" and r["ood_task"] == "amazon-food" for r in rows)
+
+
+def test_prompt_design_on_a_decoder_computes_its_shared_head_once_and_exactly(tiny):
+    """The instruction and demonstrations become a prefix of their own keys and values: each input
+    is then scored exactly as with the whole prompt written out."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.formats import predict
+
+    task = load_task(tiny["data"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    design = PromptDesign(template="Text : {text} Label :", examples=3, seed=2)
+    bank, user, fmt = design.prepare(model, tokenizer(), task)
+    assert user == "design" and bank.method("design").kind == "prefix"
+    written = design.format(task, tokenizer())
+    plain = slimtune.Bank(model)
+    examples = task.test[:6]
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([fmt.prompt_ids(e)])
+            got = bank(input_ids=ids, users=["design"]).logits[0, -1]
+            whole = torch.tensor([written.prompt_ids(e)])
+            want = plain(input_ids=whole, users=[None]).logits[0, -1]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert predict(bank, fmt, examples, ["design"] * 6) == predict(plain, written, examples, [None] * 6)

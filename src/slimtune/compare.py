@@ -95,14 +95,15 @@ def run_spec(spec: Spec, out: Path) -> dict:
         if type(model).__name__.endswith("ForSequenceClassification"):
             return {**row, "skipped": f"prompt design needs a language-model head; {spec.model} has none"}
         design = PromptDesign(examples=4 if spec.method == "design-4shot" else 0, seed=spec.seed)
-        bank = slimtune.Bank(model, tokenizer)
         scores = {}
         for name, t, examples in [("in", task, test), ("ood", ood, ood_test)]:
             if t is None:
                 continue
-            fmt = design.format(t, tokenizer, max_length=budget["max_length"])
-            scores[name] = metrics(t, examples, predict(bank, fmt, examples, [None] * len(examples)))
-        row.update(trainable=0, share=0.0, bytes_stored=len(fmt.template.encode()), train_seconds=0.0, steps=0)
+            bank, user, fmt = design.prepare(model, tokenizer, t, max_length=budget["max_length"])
+            scores[name] = metrics(t, examples, predict(bank, fmt, examples, [user] * len(examples)))
+            bank.detach()
+        head, cue = design.parts(task, tokenizer)
+        row.update(trainable=0, share=0.0, bytes_stored=len((head + cue).encode()), train_seconds=0.0, steps=0)
     else:
         method = method_config(spec, task, model)
         tuned = slimtune.attach(model, method, tokenizer=tokenizer)
