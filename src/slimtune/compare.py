@@ -22,7 +22,7 @@ from pathlib import Path
 # only proves the pipeline runs (CI).
 BUDGETS = {
     "smoke": {"steps": 2, "batch_size": 4, "max_length": 48, "eval_examples": 4, "test_examples": 8},
-    "quick": {"steps": 60, "batch_size": 8, "max_length": 64, "eval_examples": 64, "test_examples": 200},
+    "quick": {"steps": 40, "batch_size": 8, "max_length": 48, "eval_examples": 32, "test_examples": 200},
     "full": {"steps": 400, "batch_size": 16, "max_length": 128, "eval_examples": 300, "test_examples": None},
 }
 METHODS = ["full", "design", "design-4shot", "prompt", "prefix", "adapter", "lora", "bitfit"]

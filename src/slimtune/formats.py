@@ -25,6 +25,7 @@ import torch
 
 from .data import Example, Task
 from .errors import TuningError
+from .modules import accepts
 
 # Templates: {text} and {text_pair} are the example's fields; the cue ends the prompt.
 TEMPLATES = {
@@ -135,7 +136,16 @@ class Format:
 def predict(bank, fmt: Format, examples: list[Example], users: list[str | None], batch_size: int = 16) -> list[str]:
     """Predicted labels (classification) or texts (generation), example i under the tuning of
     users[i] (None: the base model), many users mixed in each batch."""
-    run = bank
+    # Batches of similar length waste little on padding; the answers come back in the given order.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].text) + len(examples[i].text_pair or ""))
+    answers = _predict_in_order(bank, fmt, [examples[i] for i in order], [users[i] for i in order], batch_size)
+    out = [""] * len(examples)
+    for i, answer in zip(order, answers, strict=True):
+        out[i] = answer
+    return out
+
+
+def _predict_in_order(run, fmt: Format, examples: list[Example], users: list[str | None], batch_size: int) -> list[str]:
     device = next(run.parameters()).device
     out: list[str] = []
     for start in range(0, len(examples), batch_size):
@@ -167,7 +177,8 @@ def _rank_labels(run, fmt: Format, chunk: list[Example], who, device) -> list[st
     prompts = [fmt.prompt_ids(e, room=max(len(ids) for ids in fmt.label_ids)) for e in chunk]
     if len(set(firsts)) == len(firsts):
         inputs = fmt._pad(prompts, prompts, device)
-        logits = run(users=who, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, -1]
+        last = {"logits_to_keep": 1} if accepts(run.model, "logits_to_keep") else {}  # only the next-token logits
+        logits = run(users=who, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **last).logits[:, -1]
         choice = logits[:, firsts].argmax(-1)
         return [fmt.task.labels[i] for i in choice.tolist()]
     scores = []
