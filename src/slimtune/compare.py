@@ -30,7 +30,8 @@ LABELS = {"full": "model tuning", "design": "prompt design (0-shot)", "design-4s
           "prompt": "prompt tuning", "prefix": "prefix tuning", "adapter": "adapters (Houlsby)", "lora": "LoRA",
           "bitfit": "BitFit"}
 # Learning rates for these short budgets (the method defaults are for longer runs).
-COMPARE_LR = {"prompt": 0.3, "prefix": 1e-2, "adapter": 2e-3, "lora": 2e-3, "bitfit": 1e-2, "full": 5e-5}
+COMPARE_LR = {"prompt": 0.3, "prefix": 1e-2, "prefix-mlp": 3e-4, "adapter": 2e-3, "lora": 2e-3, "bitfit": 1e-2,
+              "full": 5e-5}
 
 
 @dataclass
@@ -77,7 +78,7 @@ def run_spec(spec: Spec, out: Path) -> dict:
     from slimtune.data import load_task
     from slimtune.design import PromptDesign
     from slimtune.formats import Format, metrics, predict
-    from slimtune.train import TrainConfig, Trainer, peak_memory
+    from slimtune.train import TrainConfig, Trainer, lr_key, peak_memory
 
     budget = BUDGETS[spec.budget]
     torch.manual_seed(spec.seed)
@@ -108,7 +109,7 @@ def run_spec(spec: Spec, out: Path) -> dict:
         method = method_config(spec, task, model)
         tuned = slimtune.attach(model, method, tokenizer=tokenizer)
         fmt = Format.for_model(task, tokenizer, model, max_length=budget["max_length"])
-        config = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=COMPARE_LR[spec.method],
+        config = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=COMPARE_LR[lr_key(method)],
                              eval_every=budget["steps"], eval_examples=budget["eval_examples"], seed=spec.seed,
                              warmup=0.1)
         users = ["default"] * len(task.train)

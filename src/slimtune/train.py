@@ -36,8 +36,15 @@ from .formats import Format, metrics, predict
 from .losses import fusable_head, linear_cross_entropy, loss_sum
 from .modules import accepts
 
-# Prompt and prefix tuning need far larger rates than weights that are already well placed.
-DEFAULT_LR = {"prompt": 3e-2, "prefix": 5e-3, "adapter": 1e-3, "lora": 1e-3, "bitfit": 2e-3, "full": 3e-5}
+# Prompt and prefix tuning need far larger rates than weights that are already well placed. Li & Liang's
+# MLP is the exception: each prefix value sums hundreds of hidden units, each moved ~lr by Adam per step.
+DEFAULT_LR = {"prompt": 3e-2, "prefix": 5e-3, "prefix-mlp": 1e-4, "adapter": 1e-3, "lora": 1e-3, "bitfit": 2e-3,
+              "full": 3e-5}
+
+
+def lr_key(method) -> str:
+    """The method's key in a learning-rate table: its kind, `prefix-mlp` for reparameterised prefixes."""
+    return "prefix-mlp" if method.kind == "prefix" and method.reparam == "mlp" else method.kind
 
 
 @dataclass
@@ -86,8 +93,7 @@ class Trainer:
         self.params = self._trainable()
         self._keeps_logits = fmt.style != "head" and accepts(bank.model, "logits_to_keep")
         self._head = fusable_head(bank.model) if fmt.style != "head" else None
-        kind = bank.method(self.users[0]).kind
-        self.lr = config.lr if config.lr is not None else DEFAULT_LR[kind]
+        self.lr = config.lr if config.lr is not None else DEFAULT_LR[lr_key(bank.method(self.users[0]))]
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=self.lr, weight_decay=config.weight_decay)
         self.steps = config.total_steps(len(train))
         warm = max(1, int(config.warmup * self.steps))
