@@ -53,3 +53,10 @@ def padded_batch(arch: str, lengths: list[int], seed: int = 1):
 
 def real_tokens(ids, mask, b):
     return ids[b][mask[b].bool()][None]
+
+
+def generated(sequence, prompt_length: int, eos: int = 1) -> list[int]:
+    """The new tokens of one generated row, up to its first end-of-sequence token (a row that ends
+    early in a batch is padded after it, the same row alone just stops)."""
+    new = sequence[prompt_length:].tolist()
+    return new[: new.index(eos) + 1] if eos in new else new
