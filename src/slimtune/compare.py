@@ -277,7 +277,7 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
             ax.set_xticks(list(xs), [r["method"] for r in mine], rotation=30, ha="right", fontsize=8)
             ax.set_ylabel(metric)
             ax.set_title(f"In- and out-of-distribution: {model}")
-            ax.legend()
+            ax.legend(loc="lower right")
             fig.tight_layout()
             made.append(out / f"in-vs-ood-{slug(model)}.png")
             fig.savefig(made[-1], dpi=120)
