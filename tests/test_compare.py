@@ -96,3 +96,23 @@ def test_prompt_design_on_a_decoder_computes_its_shared_head_once_and_exactly(ti
             want = plain(input_ids=whole, users=[None]).logits[0, -1]
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert predict(bank, fmt, examples, ["design"] * 6) == predict(plain, written, examples, [None] * 6)
+
+
+def test_a_head_predicts_on_another_tasks_examples(tiny, tmp_path):
+    """Out-of-distribution evaluation of a classification head: the examples carry the other task's
+    labels, the head answers in its own."""
+    from conftest import build
+
+    from slimtune.data import Example, Task
+    from slimtune.formats import Format, predict
+
+    train = load_task(tiny["data"])
+    other = Task("other", "classification", [Example("good film", "great")], [Example("bad film", "awful")],
+                 [Example("good food", "great"), Example("bad soup", "awful")], labels=["awful", "great"])
+    model = build("bert")
+    model.config.num_labels = 2
+    model.classifier = __import__("torch").nn.Linear(32, 2)
+    bank = slimtune.Bank(model)
+    bank.add("u", slimtune.LoRA(rank=2))
+    answers = predict(bank, Format(train, tokenizer(), "head"), other.test, ["u", "u"])
+    assert set(answers) <= set(train.labels)

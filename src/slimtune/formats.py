@@ -100,13 +100,8 @@ class Format:
     def batch(self, examples: list[Example], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Inputs with `labels` (loss targets, -100 elsewhere) and `weights` (loss terms in the batch)."""
         if self.style == "head":
-            enc = self.tokenizer(
-                [e.text for e in examples],
-                [e.text_pair for e in examples] if examples[0].text_pair is not None else None,
-                truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
-            )
             labels = torch.tensor([self.task.labels.index(e.label) for e in examples])
-            out = {**dict(enc), "labels": labels, "weights": torch.tensor(len(examples))}
+            out = {**self.head_inputs(examples, device), "labels": labels, "weights": torch.tensor(len(examples))}
             return {k: v.to(device) for k, v in out.items()}
         rows, targets = [], []
         for e in examples:
@@ -115,6 +110,15 @@ class Format:
             rows.append(prompt + target)
             targets.append([-100] * len(prompt) + target)
         return self._pad(rows, targets, device)
+
+    def head_inputs(self, examples: list[Example], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The tokenised texts (and text pairs) for a classification head; their labels may be of another task."""
+        enc = self.tokenizer(
+            [e.text for e in examples],
+            [e.text_pair for e in examples] if examples[0].text_pair is not None else None,
+            truncation=True, max_length=self.max_length, padding=True, return_tensors="pt",
+        )
+        return {k: v.to(device) for k, v in enc.items()}
 
     def _pad(self, rows: list[list[int]], targets: list[list[int]], device) -> dict[str, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -152,9 +156,7 @@ def _predict_in_order(run, fmt: Format, examples: list[Example], users: list[str
         chunk = examples[start : start + batch_size]
         who = users[start : start + batch_size]
         if fmt.style == "head":
-            inputs = fmt.batch(chunk, device)
-            inputs.pop("labels"), inputs.pop("weights")
-            logits = run(users=who, **inputs).logits
+            logits = run(users=who, **fmt.head_inputs(chunk, device)).logits
             out.extend(fmt.task.labels[i] for i in logits.argmax(-1).tolist())
         elif fmt.style == "verbalizer":
             out.extend(_rank_labels(run, fmt, chunk, who, device))
