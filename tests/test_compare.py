@@ -101,10 +101,10 @@ def test_prompt_design_on_a_decoder_computes_its_shared_head_once_and_exactly(ti
 def test_a_head_predicts_on_another_tasks_examples(tiny, tmp_path):
     """Out-of-distribution evaluation of a classification head: the examples carry the other task's
     labels, the head answers in its own."""
-    from conftest import build
-
     from slimtune.data import Example, Task
     from slimtune.formats import Format, predict
+
+    from conftest import build
 
     train = load_task(tiny["data"])
     other = Task("other", "classification", [Example("good film", "great")], [Example("bad film", "awful")],
