@@ -147,9 +147,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         bank.add("default", run / "tuning")
         users = ["default"] * len(examples)
-    same_template = task.name == trained_on.name or record["template"] == Format(task, tokenizer, "generation").template
+    # The run's own template on its own task; another task is read through that task's template.
+    same_task = task.name == trained_on.name
     fmt = Format.for_model(task, tokenizer, model, max_length=record["max_length"],
-                           **({"template": record["template"]} if same_template else {}))
+                           **({"template": record["template"]} if same_task else {}))
     if fmt.style == "head" and task.name != trained_on.name:
         fmt = _head_across_tasks(task, trained_on, tokenizer, model, record)
     predictions = predict(bank, fmt, examples, users)
