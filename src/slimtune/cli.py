@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 from . import methods as method_configs
-from .bank import Bank
+from . import storage
+from .bank import Bank, TunedModel
 from .data import DataError, Task, load_task
 from .errors import TuningError
 from .formats import Format, metrics, predict
+from .report import parameter_report
 from .train import DEFAULT_LR, TrainConfig, Trainer
 
 METHOD_NAMES = {"prompt": "PromptTuning", "prefix": "PrefixTuning", "adapter": "Adapter", "lora": "LoRA",
@@ -87,22 +89,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         "command": "slimtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
     if not distributed or torch.distributed.get_rank() == 0:
-        from . import storage
-
         storage.atomic_write(out / "run.json", (json.dumps(record, indent=2) + "\n").encode())
     trainer = Trainer(bank, fmt, config, out, task.train, users_of, task.validation, validation_users)
     summary = trainer.run(resume=args.resume)
     if not distributed or torch.distributed.get_rank() == 0:
-        from .report import parameter_report
-
         if not args.user_column:
-            from .bank import TunedModel
-
             report = parameter_report(TunedModel(bank, "default"))
             summary["parameters"] = {"trainable": report.trainable, "total": report.total, "share": report.share,
                                      "bytes_stored": report.bytes_stored}
-            from . import storage
-
             storage.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         print(json.dumps(summary, indent=2))
     return 0
@@ -158,8 +152,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         predictions = [fmt.translate[p] for p in predictions]
     result = {"run": str(run), "task": task.name, "split": args.split, "examples": len(examples),
               **metrics(task, examples, predictions)}
-    from . import storage
-
     storage.atomic_write(run / "eval" / f"{task.name}-{args.split}.json", (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps(result, indent=2))
     return 0

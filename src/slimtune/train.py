@@ -175,14 +175,17 @@ class Trainer:
         micro = len(rows) // self.config.grad_accum
         chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
         # Normalise by the loss terms of the whole step, on every process alike.
-        total = sum(int(self.fmt.batch([self.train[i] for i in chunk])["weights"]) for chunk in chunks)
+        whole = [self.fmt.batch([self.train[i] for i in chunk]) for chunk in chunks]
+        total = sum(int(batch["weights"]) for batch in whole)
         self.bank.train()
         loss_value = 0.0
-        for chunk in chunks:
+        for chunk, batch in zip(chunks, whole, strict=True):
             mine = chunk[self.rank :: self.world]
             if not mine:
                 continue
-            inputs = self.fmt.batch([self.train[i] for i in mine], self.device)
+            # One process: the batch tokenised for the count is the one to run. Several: this process's rows.
+            mine_batch = batch if self.world == 1 else self.fmt.batch([self.train[i] for i in mine])
+            inputs = {k: v.to(self.device) for k, v in mine_batch.items()}
             labels, _ = inputs.pop("labels"), inputs.pop("weights")
             keep = self._logits_to_keep(labels)
             if keep:  # the loss needs logits only where the (right-aligned) targets are
