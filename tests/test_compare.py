@@ -116,3 +116,20 @@ def test_a_head_predicts_on_another_tasks_examples(tiny, tmp_path):
     bank.add("u", slimtune.LoRA(rank=2))
     answers = predict(bank, Format(train, tokenizer(), "head"), other.test, ["u", "u"])
     assert set(answers) <= set(train.labels)
+
+
+def test_a_heads_labels_map_to_another_task_through_shared_label_words():
+    from slimtune.data import Example, Task
+    from slimtune.formats import label_translation
+
+    def task(name, words):
+        labels = list(words)
+        examples = [Example("x", label) for label in labels]
+        return Task(name, "classification", examples, examples, examples, labels=labels, label_words=words)
+
+    films = task("films", {"fresh": "positive", "rotten": "negative"})
+    food = task("food", {"great": "positive", "other": "negative"})
+    assert label_translation(films, food) == {"fresh": "great", "rotten": "other"}
+    topics = task("topics", {"sport": "sport", "tech": "tech"})
+    with pytest.raises(slimtune.TuningError, match="'fresh'.*no counterpart"):
+        label_translation(films, topics)

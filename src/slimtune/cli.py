@@ -15,7 +15,7 @@ from . import storage
 from .bank import Bank, TunedModel
 from .data import DataError, Task, load_task
 from .errors import TuningError
-from .formats import Format, metrics, predict
+from .formats import Format, label_translation, metrics, predict
 from .report import parameter_report
 from .train import DEFAULT_LR, TrainConfig, Trainer
 
@@ -145,31 +145,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     same_task = task.name == trained_on.name
     fmt = Format.for_model(task, tokenizer, model, max_length=record["max_length"],
                            **({"template": record["template"]} if same_task else {}))
-    if fmt.style == "head" and task.name != trained_on.name:
-        fmt = _head_across_tasks(task, trained_on, tokenizer, model, record)
+    if fmt.style == "head" and not same_task:  # the head answers in the labels it was trained on
+        translation = label_translation(trained_on, task)
+        fmt = Format(trained_on, tokenizer, "head", max_length=record["max_length"])
     predictions = predict(bank, fmt, examples, users)
-    if fmt.style == "head" and task.name != trained_on.name:
-        predictions = [fmt.translate[p] for p in predictions]
+    if fmt.style == "head" and not same_task:
+        predictions = [translation[p] for p in predictions]
     result = {"run": str(run), "task": task.name, "split": args.split, "examples": len(examples),
               **metrics(task, examples, predictions)}
     storage.atomic_write(run / "eval" / f"{task.name}-{args.split}.json", (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps(result, indent=2))
     return 0
-
-
-def _head_across_tasks(task: Task, trained_on: Task, tokenizer, model, record) -> Format:
-    """A head trained on one task's labels, read through label words on another task (fresh -> positive -> great)."""
-    by_word = {task.label_words[label]: label for label in task.labels}
-    translate = {}
-    for label in trained_on.labels:
-        word = trained_on.label_words[label]
-        if word not in by_word:
-            raise TuningError(f"the run's label {label!r} ({word!r}) has no counterpart among {task.name}'s label words "
-                              f"{sorted(by_word)}")
-        translate[label] = by_word[word]
-    fmt = Format(trained_on, tokenizer, "head", max_length=record["max_length"])
-    fmt.translate = translate
-    return fmt
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:

@@ -77,7 +77,7 @@ def run_spec(spec: Spec, out: Path) -> dict:
     from slimtune.cli import open_model
     from slimtune.data import load_task
     from slimtune.design import PromptDesign
-    from slimtune.formats import Format, metrics, predict
+    from slimtune.formats import Format, label_translation, metrics, predict
     from slimtune.train import TrainConfig, Trainer, lr_key, peak_memory
 
     budget = BUDGETS[spec.budget]
@@ -119,8 +119,12 @@ def run_spec(spec: Spec, out: Path) -> dict:
         scores = {"in": metrics(task, test, predict(tuned.bank, fmt, test, ["default"] * len(test)))}
         if ood is not None:
             ood_fmt = Format.for_model(ood, tokenizer, model, max_length=budget["max_length"])
-            predictions = predict(tuned.bank, _cross_task(ood_fmt, fmt), ood_test, ["default"] * len(ood_test))
-            scores["ood"] = metrics(ood, ood_test, _translate(predictions, task, ood, ood_fmt.style))
+            if fmt.style == "head":  # the head answers in the training task's labels
+                translation = label_translation(task, ood)
+                predictions = [translation[p] for p in predict(tuned.bank, fmt, ood_test, ["default"] * len(ood_test))]
+            else:
+                predictions = predict(tuned.bank, ood_fmt, ood_test, ["default"] * len(ood_test))
+            scores["ood"] = metrics(ood, ood_test, predictions)
         report = slimtune.parameter_report(tuned)
         row.update(trainable=report.trainable, share=report.trainable / n_params, bytes_stored=report.bytes_stored,
                    train_seconds=summary["train_seconds"], steps=summary["steps"], lr=summary["lr"])
@@ -134,18 +138,6 @@ def run_spec(spec: Spec, out: Path) -> dict:
     row["wall_seconds"] = round(time.perf_counter() - started, 1)
     row["peak_memory_bytes"] = peak_memory(next(model.parameters()).device)
     return row
-
-
-def _cross_task(ood_fmt, fmt):
-    """A head is read through the training task's labels; a verbalizer uses the OOD task's own words."""
-    return fmt if fmt.style == "head" else ood_fmt
-
-
-def _translate(predictions, task, ood, style):
-    if style != "head":
-        return predictions
-    by_word = {ood.label_words[label]: label for label in ood.labels}
-    return [by_word.get(task.label_words[p], p) for p in predictions]
 
 
 # --- the parent: run every configuration in its own process, then write tables and plots ----------

@@ -136,6 +136,20 @@ class Format:
         return {k: v.to(device) for k, v in out.items()}
 
 
+def label_translation(trained_on: Task, task: Task) -> dict[str, str]:
+    """How a classification head trained on one task's labels answers on another task: through the
+    label words they share (fresh -> positive -> great)."""
+    by_word = {task.label_words[label]: label for label in task.labels}
+    translation = {}
+    for label in trained_on.labels:
+        word = trained_on.label_words[label]
+        if word not in by_word:
+            raise TuningError(f"the label {label!r} ({word!r}) of {trained_on.name} has no counterpart among "
+                              f"{task.name}'s label words {sorted(by_word)}")
+        translation[label] = by_word[word]
+    return translation
+
+
 @torch.no_grad()
 def predict(bank, fmt: Format, examples: list[Example], users: list[str | None], batch_size: int = 16) -> list[str]:
     """Predicted labels (classification) or texts (generation), example i under the tuning of
