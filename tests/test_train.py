@@ -105,7 +105,9 @@ def test_one_tuning_per_user_in_one_run(tiny, tmp_path):
                      "--user-column", "user")
     args[args.index("--task") + 1] = str(tiny["users"])
     assert cli.main(args) == 0
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["alice", "bob"]
+    store = slimtune.Store(tmp_path / "store")
+    assert store.names() == ["alice", "bob"]
+    assert store.entry("alice").task["labels"] and store.entry("alice").kind == "lora"
     assert cli.main(["eval", "--run", str(tmp_path), "--split", "test"]) == 0
     result = json.loads((tmp_path / "eval" / "users-test.json").read_text())
     # alice and bob have opposite labels for the same texts: only per-user tunings can beat chance.

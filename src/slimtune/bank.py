@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import modules, storage
+from . import modules, peft_format, storage
 from .errors import TuningError, UnknownUserError
 from .methods import Method, method_from_dict
 from .methods.base import Component, InitContext
@@ -38,6 +38,7 @@ class Bank(nn.Module):
         self._takes_positions = modules.accepts(model, "position_ids")
         self._pads_left = modules.is_causal_decoder(model)
         self._encoder_decoder = modules.is_encoder_decoder(model)
+        self.fingerprint = modules.fingerprint(model)  # taken before any training (a full fine-tune changes the weights)
         model.requires_grad_(False)
 
     # --- users -------------------------------------------------------------------------------
@@ -91,12 +92,15 @@ class Bank(nn.Module):
             out.update({prefix + name: t for name, t in part.state(user).items()})
         return out
 
-    def save(self, user: str, path: str | os.PathLike) -> Path:
-        record, tensors = self.saved_form(user)
+    def save(self, user: str, path: str | os.PathLike, task: dict | None = None) -> Path:
+        """Save `user`'s tuning; `task` (see `Format.describe()`) records what it was trained to do."""
+        record, tensors = self.saved_form(user, task)
         return storage.write(path, record, tensors)
 
-    def saved_form(self, user: str) -> tuple[dict, dict[str, torch.Tensor]]:
-        record = {"method": self.method(user).to_dict(), "model": modules.fingerprint(self.model)}
+    def saved_form(self, user: str, task: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        record = {"method": self.method(user).to_dict(), "model": self.fingerprint}
+        if task is not None:
+            record["task"] = task
         return record, self.state(user)
 
     def _parts_of(self, user: str) -> list[Component]:
@@ -114,9 +118,7 @@ class Bank(nn.Module):
             state = tuning.bank.state(tuning.user)
             method = tuning.method
         elif isinstance(tuning, (str, os.PathLike)):
-            record, state = storage.read(tuning)
-            storage.check_model(record.get("model", {}), modules.fingerprint(self.model), str(tuning))
-            method = method_from_dict(record.get("method", {}))
+            method, state = read_tuning(tuning, self.model)
         else:
             raise TuningError(
                 f"cannot add a {type(tuning).__name__} to a bank: expected a method config "
@@ -239,6 +241,43 @@ class Bank(nn.Module):
             )
             return out
 
+    # --- step by step, for an engine that schedules its own batches --------------------------
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, users: Sequence[str | None],
+                cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run left-padded prompts into `cache` (a transformers `Cache`, filled in place), row i
+        under users[i]'s tuning. Returns (next-token logits [B, vocab], the attention mask over
+        the cache's columns, virtual prompt tokens included)."""
+        routing = self._routing(users, input_ids.shape[0], input_ids.device)
+        with routed(routing):
+            self._start(routing)
+            inputs, _, _ = self._inputs(routing, {"input_ids": input_ids, "attention_mask": attention_mask})
+            out = self.model(**inputs, **self._cached(cache))
+        return out.logits[:, -1], inputs["attention_mask"]
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, users: Sequence[str | None],
+               cache: Any) -> torch.Tensor:
+        """One decoding step: `input_ids` [B, 1] are each row's newest token, `attention_mask`
+        covers the cache's columns and this token. Returns next-token logits [B, vocab]."""
+        routing = self._routing(users, input_ids.shape[0], input_ids.device)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self._takes_positions:
+            inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        with routed(routing):
+            self._start(routing)
+            out = self.model(**inputs, **self._cached(cache))
+        return out.logits[:, -1]
+
+    def _cached(self, cache: Any) -> dict:
+        """The cache keyword (`cache` from transformers 5.24, `past_key_values` before) and one logit column."""
+        if not hasattr(self, "_cache_keywords"):
+            name = "cache" if modules.accepts(self.model, "cache") else "past_key_values"
+            self._cache_keywords = (name, modules.accepts(self.model, "logits_to_keep"))
+        name, keep = self._cache_keywords
+        return {name: cache, "use_cache": True, **({"logits_to_keep": 1} if keep else {})}
+
     def detach(self) -> None:
         """Remove every hook this bank put on the shared model."""
         for part in self.parts.values():
@@ -275,12 +314,20 @@ class TunedModel(nn.Module):
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
         return self.bank.generate(input_ids=input_ids, users=[self.user] * input_ids.shape[0], **kwargs)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Save only the tuning (and task head), with its config and the model's fingerprint."""
-        return self.bank.save(self.user, path)
+    def save(self, path: str | os.PathLike, format: str = "slimtune", task: dict | None = None) -> Path:
+        """Save only the tuning (and task head), with its config and the model's fingerprint.
 
-    def saved_form(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        return self.bank.saved_form(self.user)
+        `format="peft"` writes an HF PEFT folder instead (prompt, prefix and LoRA tunings), which
+        `peft.PeftModel.from_pretrained` loads.
+        """
+        if format == "peft":
+            return peft_format.write(self, path)
+        if format != "slimtune":
+            raise TuningError(f"unknown tuning format {format!r}; expected 'slimtune' or 'peft'")
+        return self.bank.save(self.user, path, task)
+
+    def saved_form(self, task: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        return self.bank.saved_form(self.user, task)
 
     def merge(self) -> None:
         """Fold a LoRA update into the frozen weights: zero extra cost per token until `unmerge()`."""
@@ -297,6 +344,16 @@ class TunedModel(nn.Module):
         if len(self.bank.users) > 1:
             raise TuningError(f"cannot {action} while the model is shared by other tunings in the bank")
         return self.bank.parts["lora"]
+
+
+def read_tuning(path: str | os.PathLike, model: nn.Module) -> tuple[Method, dict[str, torch.Tensor]]:
+    """A saved tuning's method and tensors (slimtune's own format or an HF PEFT folder), checked
+    to be made for `model`'s type and shape."""
+    if peft_format.is_peft_folder(path):
+        return peft_format.read(path, model)
+    record, state = storage.read(path)
+    storage.check_model(record.get("model", {}), modules.fingerprint(model), str(path))
+    return method_from_dict(record.get("method", {})), state
 
 
 def attach(model: nn.Module, method: Method, tokenizer: Any = None, name: str = "default") -> TunedModel:

@@ -17,6 +17,7 @@ from .data import DataError, Task, load_task
 from .errors import TuningError
 from .formats import Format, label_translation, metrics, predict
 from .report import parameter_report
+from .store import Store
 from .train import DEFAULT_LR, TrainConfig, Trainer
 
 METHOD_NAMES = {"prompt": "PromptTuning", "prefix": "PrefixTuning", "adapter": "Adapter", "lora": "LoRA",
@@ -135,8 +136,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bank = Bank(model, tokenizer)
     examples = task.splits[args.split][: args.examples] if args.examples else task.splits[args.split]
     if record.get("user_column"):
-        for tuning in sorted((run / "store").iterdir()):
-            bank.add(tuning.name, tuning)
+        store = Store(run / "store", model)
+        for name in store.names():
+            bank.add(name, store.path_of(name))
         users = [e.group for e in examples]
     else:
         bank.add("default", run / "tuning")

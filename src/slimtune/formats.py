@@ -74,6 +74,14 @@ class Format:
         has_head = type(model).__name__.endswith("ForSequenceClassification")
         return cls(task, tokenizer, "head" if has_head else "verbalizer", **options)
 
+    def describe(self) -> dict:
+        """What a saved tuning records about its task, so a server can classify with it."""
+        out = {"name": self.task.name, "kind": self.task.kind, "style": self.style, "template": self.template,
+               "max_length": self.max_length}
+        if self.task.kind == "classification":
+            out.update(labels=list(self.task.labels), label_words=dict(self.task.label_words))
+        return out
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

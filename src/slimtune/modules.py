@@ -12,6 +12,7 @@ import inspect
 import re
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from .errors import TuningError
@@ -122,7 +123,16 @@ def fingerprint(model: nn.Module) -> dict:
             value = None
         if value is not None:
             out[field] = value
+    out["weights_sample"] = weights_sample(model)
     return out
+
+
+def weights_sample(model: nn.Module, n: int = 16) -> list[float]:
+    """A few of the input embedding's values at fixed places: tells two models of the same
+    architecture and size apart (another base model, or another fine-tune of it), in any dtype."""
+    flat = model.get_input_embeddings().weight.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, n).long().to(flat.device)
+    return [round(float(v), 6) for v in flat.index_select(0, index).float().cpu()]
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:

@@ -92,10 +92,21 @@ def check_model(stored: dict, current: dict, where: str) -> None:
             f"this is a {current.get('model_type')} model ({current.get('architecture')})"
         )
     for field, value in stored.items():
-        if field in ("architecture", "model_type") or field not in current:
+        if field in ("architecture", "model_type", "weights_sample") or field not in current:
             continue
         if current[field] != value:
             raise ModelMismatchError(
                 f"tuning '{where}' was made for {field} {value} ({stored.get('architecture')}), "
                 f"this model ({current.get('architecture')}) has {current[field]}"
             )
+    mine, theirs = current.get("weights_sample"), stored.get("weights_sample")
+    if mine is not None and theirs is not None and not _close(mine, theirs):
+        raise ModelMismatchError(
+            f"tuning '{where}' was made for another base model: same architecture and size "
+            f"({stored.get('architecture')}), other weights (its embedding sample {theirs[:3]}..., this model's {mine[:3]}...)"
+        )
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    """Equal up to the rounding of a lower-precision copy of the same weights (bf16 keeps ~3 digits)."""
+    return len(a) == len(b) and all(abs(x - y) <= 1e-2 * abs(y) + 1e-3 for x, y in zip(a, b, strict=True))

@@ -29,12 +29,13 @@ import torch
 from torch import distributed as dist
 
 from . import storage
-from .bank import Bank
+from .bank import Bank, TunedModel
 from .data import Example
 from .errors import TuningError
 from .formats import Format, metrics, predict
 from .losses import fusable_head, linear_cross_entropy, loss_sum
 from .modules import accepts
+from .store import Store
 
 # Prompt and prefix tuning need far larger rates than weights that are already well placed. Li & Liang's
 # MLP is the exception: each prefix value sums hundreds of hidden units, each moved ~lr by Adam per step.
@@ -236,12 +237,14 @@ class Trainer:
         return result
 
     def save_tunings(self, out: Path) -> None:
-        """The best tuning: out/tuning for one user, out/store/<user> for many."""
+        """The best tuning: out/tuning for one user; for many, a `Store` at out/store (one entry per user)."""
+        task = self.fmt.describe()
         if self.users == ["default"]:
-            self.bank.save("default", out / "tuning")
+            self.bank.save("default", out / "tuning", task=task)
         else:
+            store = Store(out / "store", self.bank.model)
             for user in self.users:
-                self.bank.save(user, out / "store" / user)
+                store.add(user, TunedModel(self.bank, user), task=task, replace=True)
 
     def _barrier(self) -> None:
         if self.world > 1:
