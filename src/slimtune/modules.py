@@ -131,7 +131,7 @@ def weights_sample(model: nn.Module, n: int = 16) -> list[float]:
     """A few of the input embedding's values at fixed places: tells two models of the same
     architecture and size apart (another base model, or another fine-tune of it), in any dtype."""
     flat = model.get_input_embeddings().weight.detach().reshape(-1)
-    index = torch.linspace(0, flat.numel() - 1, n).long().to(flat.device)
+    index = (torch.arange(n) * (flat.numel() - 1) // (n - 1)).to(flat.device)  # integer: exact for any size
     return [round(float(v), 6) for v in flat.index_select(0, index).float().cpu()]
 
 
