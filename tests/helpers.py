@@ -60,3 +60,15 @@ def generated(sequence, prompt_length: int, eos: int = 1) -> list[int]:
     early in a batch is padded after it, the same row alone just stops)."""
     new = sequence[prompt_length:].tolist()
     return new[: new.index(eos) + 1] if eos in new else new
+
+
+def vocab_tokenizer():
+    """A word-level tokenizer for the tiny models' 96 ids: "<bos>", "<eos>", then "t2" .. "t95"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<bos>", "<eos>"] + [f"t{i}" for i in range(2, VOCAB)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>",
+                                   unk_token="t2")

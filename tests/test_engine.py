@@ -1,0 +1,172 @@
+"""The engine: many users' generations in one continuously batched run, each as if alone."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+import slimtune
+from slimtune.engine import Engine, EngineClosedError, GenerationRequest, RequestError
+from slimtune.errors import UnknownUserError
+
+from conftest import DECODERS, build
+from helpers import methods_for, perturb, vocab_tokenizer
+
+
+def engine_for(arch, **options):
+    engine = Engine(build(arch), vocab_tokenizer(), **options)
+    for i, (user, method) in enumerate(methods_for(arch).items()):
+        engine.add(user, method)
+        perturb(engine.bank.user_parameters(user), seed=i)
+    return engine
+
+
+def prompt(j: int) -> list[int]:
+    return [(7 * j + k) % 90 + 3 for k in range(3 + j % 5)]
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_a_continuously_batched_mix_gives_each_row_what_it_gets_alone(arch):
+    engine = engine_for(arch, max_batch=8)
+    users = [None, *methods_for(arch)]  # 12 requests, 8 rows at most: rows leave and others join mid-run
+    options = [{"max_new_tokens": 4 + j % 5, "keep_logits": True} for j in range(len(users))]
+    handles = [engine.stream(u, prompt(j), **options[j]) for j, u in enumerate(users)]
+    mixed = [h.result() for h in handles]
+    rows = list(engine.stats.batch_rows)
+    assert max(rows) == 8 and any(b > a for a, b in zip(rows, rows[1:], strict=False))  # rows joined a running batch
+    for j, user in enumerate(users):
+        alone = engine.generate(user, prompt(j), **options[j])
+        assert mixed[j].token_ids == alone.token_ids, user
+        torch.testing.assert_close(mixed[j].logits, alone.logits, atol=1e-5, rtol=1e-5)
+        # and an independent path: transformers' own generate() through the bank
+        reference = engine.bank.generate(input_ids=torch.tensor([prompt(j)]), users=[user], do_sample=False,
+                                         max_new_tokens=options[j]["max_new_tokens"], pad_token_id=1)[0, len(prompt(j)):]
+        reference = reference.tolist()
+        assert mixed[j].token_ids == reference[: reference.index(1)] if 1 in reference else reference, user
+        assert mixed[j].finish_reason == ("stop" if len(mixed[j].token_ids) < options[j]["max_new_tokens"] else "length")
+    engine.close()
+
+
+def test_sampling_depends_on_the_requests_seed_only():
+    engine = engine_for("llama")
+    settings = {"max_new_tokens": 10, "temperature": 1.5, "top_p": 0.9}
+    alone = engine.generate("lora", prompt(1), seed=3, **settings)
+    crowd = [engine.stream(u, prompt(j), seed=j, **settings) for j, u in enumerate(["prefix3", "prompt2", None])]
+    amid = engine.stream("lora", prompt(1), seed=3, **settings)
+    assert amid.result().token_ids == alone.token_ids
+    assert [h.result() for h in crowd]
+    other = engine.generate("lora", prompt(1), seed=4, **settings)
+    greedy = engine.generate("lora", prompt(1), max_new_tokens=10)
+    assert other.token_ids != alone.token_ids and greedy.token_ids != alone.token_ids
+    engine.close()
+
+
+def test_streamed_text_adds_up_and_stop_strings_end_it():
+    engine = engine_for("gpt2")
+    full = engine.generate("houlsby", prompt(2), max_new_tokens=8)
+    deltas = list(engine.stream("houlsby", prompt(2), max_new_tokens=8))
+    assert "".join(deltas) == full.text and len(deltas) > 1
+    words = full.text.split()
+    stop = words[3]
+    cut = engine.generate("houlsby", prompt(2), max_new_tokens=8, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    assert "".join(engine.stream("houlsby", prompt(2), max_new_tokens=8, stop=[stop])) == cut.text
+    engine.close()
+
+
+def test_tunings_load_from_the_store_and_the_least_recently_used_are_evicted(tmp_path):
+    model = build("gpt2")
+    store = slimtune.Store(tmp_path / "store", model)
+    reference = Engine(model, vocab_tokenizer())
+    for i, (user, method) in enumerate(list(methods_for("gpt2").items())[:6]):
+        tuned = slimtune.attach(build("gpt2"), method)
+        perturb(tuned.tuning_parameters(), seed=i)
+        store.add(user, tuned)
+        reference.add(user, store.path_of(user))
+    users = store.names() * 2
+    expected = [reference.generate(u, prompt(j), max_new_tokens=5).token_ids for j, u in enumerate(users)]
+    reference.close()
+    engine = Engine(model, vocab_tokenizer(), store, max_resident=2, max_batch=4)
+    handles = [engine.stream(u, prompt(j), max_new_tokens=5) for j, u in enumerate(users)]
+    assert [h.result().token_ids for h in handles] == expected
+    assert len(engine.resident) <= 2 and engine.stats.evictions >= 4 and engine.stats.loads >= 6
+    engine.close()
+
+
+def classifier_engine(arch):
+    engine = Engine(build(arch), vocab_tokenizer())
+    task = {"kind": "classification", "labels": ["yes", "no", "maybe"], "label_words": {"yes": "t5", "no": "t6", "maybe": "t7"},
+            "template": "t3 {text} t4", "max_length": 32}
+    if arch == "bert":
+        task["style"] = "head"
+    for i, method in enumerate([slimtune.LoRA(rank=2), slimtune.PrefixTuning(length=2, reparam=None, init="random"),
+                                slimtune.PromptTuning(length=3, init="uniform")]):
+        engine.add(f"c{i}", method, task=task)
+        perturb(engine.bank.user_parameters(f"c{i}"), seed=i)
+    return engine
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_classification_requests_are_batched_across_users_and_match_each_alone(arch):
+    engine = classifier_engine(arch)
+    texts = {"c0": ["t9 t10", "t11"], "c1": ["t12 t13 t14"], "c2": ["t9", "t15 t16"]}
+
+    async def together():
+        return await asyncio.gather(*(engine.aclassify(u, t) for u, t in texts.items()))
+
+    mixed = dict(zip(texts, asyncio.run(together()), strict=True))
+    for user, answer in mixed.items():
+        alone = engine.classify(user, texts[user])
+        for got, want in zip(answer, alone, strict=True):
+            assert list(got) == ["yes", "no", "maybe"] and abs(sum(got.values()) - 1) < 1e-5
+            for label in got:
+                assert abs(got[label] - want[label]) < 1e-5
+    engine.close()
+
+
+def test_bad_requests_are_refused_with_what_was_expected():
+    engine = engine_for("gpt2")
+    with pytest.raises(UnknownUserError, match="nobody"):
+        engine.generate("nobody", prompt(0))
+    with pytest.raises(RequestError, match="max_new_tokens"):
+        engine.generate("lora", prompt(0), max_new_tokens=0)
+    with pytest.raises(RequestError, match="temperature"):
+        engine.generate("lora", prompt(0), temperature=-1)
+    with pytest.raises(RequestError, match="top_p"):
+        engine.generate("lora", prompt(0), top_p=0)
+    with pytest.raises(RequestError, match="context of 128"):
+        engine.generate("prompt4", [5] * 100, max_new_tokens=25)  # 100 + 4 virtual + 25 > 128
+    with pytest.raises(RequestError, match="empty"):
+        engine.generate(None, [])
+    with pytest.raises(RequestError, match="not a classification tuning"):
+        engine.classify("lora", ["t5"])
+    with pytest.raises(RequestError, match="generation needs a decoder"):
+        Engine(build("bert"), vocab_tokenizer()).generate(None, prompt(0))
+    engine.close()
+    with pytest.raises(EngineClosedError):
+        engine.generate("lora", prompt(0))
+
+
+def test_a_cancelled_stream_frees_its_slot_and_close_finishes_what_is_in_flight():
+    engine = engine_for("llama")
+
+    async def leave_early():
+        stream = engine.astream("prefix5", prompt(0), max_new_tokens=100)
+        async for _ in stream:
+            break  # the client goes away; a server cancels its generation
+        stream.cancel()
+        return await stream.wait()
+
+    left = asyncio.run(leave_early())
+    assert left.finish_reason == "cancelled" and len(left.token_ids) < 100
+    for _ in range(100):  # the row leaves the running batch right after its last event
+        if not engine._running:
+            break
+        time.sleep(0.01)
+    assert not engine._running
+    running = engine.submit(GenerationRequest("lora", prompt(1), max_new_tokens=30))
+    engine.close(wait=True)
+    done = running.result()
+    assert done.finish_reason in ("length", "stop") and not engine._running
+    assert done.finish_reason == "stop" or len(done.token_ids) == 30
