@@ -86,7 +86,7 @@ def read(path: str | os.PathLike, model: nn.Module) -> tuple[Method, dict[str, t
     readers = {"LORA": _read_lora, "PROMPT_TUNING": _read_prompt, "PREFIX_TUNING": _read_prefix}
     if peft_type not in readers:
         raise TuningError(
-            f"'{folder}' holds a PEFT {peft_type} tuning, which slimtune has no equivalent for; "
+            f"'{folder}' holds a PEFT tuning of type {peft_type!r}, which slimtune has no equivalent for; "
             f"slimtune reads PEFT types {', '.join(READS)}"
         )
     if config.get("modules_to_save"):
@@ -201,7 +201,7 @@ def _read_lora(config: dict, tensors: dict, model: nn.Module, folder: Path) -> t
                               f"lora_alpha={alpha!r}")
     weights = _lora_weights(tensors, folder)
     present = dict(model.named_modules())
-    missing = [name for name in weights if name not in present]
+    missing = sorted(name for name in weights if name not in present)
     if missing:
         raise ModelMismatchError(
             f"'{folder}' has LoRA weights for {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}, "
