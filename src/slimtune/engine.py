@@ -73,6 +73,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: Sequence[str] = ()
     keep_logits: bool = False
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     def check(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -582,7 +583,7 @@ class Engine:
         self.stats.generated_tokens += 1
         if row.handle.cancelled:
             return "cancelled"
-        if token in self.eos:
+        if token in self.eos and not row.request.ignore_eos:
             return "stop"
         row.tokens.append(token)
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
