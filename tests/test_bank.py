@@ -181,3 +181,29 @@ def test_base_rows_equal_the_untouched_model(arch):
         bank.detach()
         want = bank.model(input_ids=ids, attention_mask=mask, **extra).logits[0]
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_parameters_kept_between_inference_calls_follow_every_change(arch):
+    """Inference keeps each batch layout's gathered parameters between calls; an in-place change
+    (an optimizer step, a load) must be seen at once."""
+    bank = mixed_bank(arch)
+    ids, mask = padded_batch(arch, LENGTHS)
+    optimizer = torch.optim.SGD(bank.user_parameters("lora2"), lr=0.5)
+    for change in range(3):
+        with torch.no_grad():
+            kept = bank(input_ids=ids, attention_mask=mask, users=USERS).logits
+            again = bank(input_ids=ids, attention_mask=mask, users=USERS).logits
+        fresh = bank(input_ids=ids, attention_mask=mask, users=USERS).logits  # grad enabled: nothing kept
+        torch.testing.assert_close(kept, fresh, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again, kept, atol=0, rtol=0)
+        if change == 0:
+            perturb(bank.user_parameters("prefix3"), seed=50)  # in place, under no_grad
+            perturb(bank.user_parameters("houlsby2"), seed=51)
+        else:
+            fresh[USERS.index("lora2")].sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            changed = bank(input_ids=ids, attention_mask=mask, users=USERS).logits
+        assert not torch.allclose(changed, kept)

@@ -296,7 +296,8 @@ class Engine:
             if victim is None:
                 return False
             self._evict(victim)
-        self.bank.add(user, self.store.path_of(user))
+        with torch.inference_mode(False):  # ordinary tensors: usable outside inference too
+            self.bank.add(user, self.store.path_of(user))
         self._resident[user] = None
         self.stats.loads += 1
         return True

@@ -76,6 +76,22 @@ class Routing:
             self.cache[key] = ([u for u, _ in groups], torch.cat(rows), torch.cat(which))
         return self.cache[key]
 
+    def in_order(self, component: nn.Module, batch: int) -> bool:
+        """Whether `stacked()`'s rows are simply 0 .. batch-1 (every row the component's, users in row order)."""
+        key = ("in-order", id(component), batch)
+        if key not in self.cache:
+            _, rows, _ = self.stacked(component, batch)
+            self.cache[key] = len(rows) == batch and bool((rows == torch.arange(batch, device=rows.device)).all())
+        return self.cache[key]
+
+    def owners_key(self, component: nn.Module, batch: int) -> tuple:
+        """A hashable form of which user owns each of the component's rows (for caches across calls)."""
+        key = ("owners-key", id(component), batch)
+        if key not in self.cache:
+            users, rows, which = self.stacked(component, batch)
+            self.cache[key] = (batch, tuple(rows.tolist()), tuple(which.tolist()))
+        return self.cache[key]
+
     def per_row(self, component: nn.Module, batch: int, value: Callable[[str], int]) -> torch.Tensor:
         """A [batch] long tensor holding value(user) on each of the component's rows, 0 elsewhere."""
         out = torch.zeros(batch, dtype=torch.long, device=self.device)

@@ -74,14 +74,18 @@ class AdapterComponent(SiteComponent):
         first = self.methods[users[0]]
         return all((self.methods[u].size, self.methods[u].activation) == (first.size, first.activation) for u in users)
 
-    def stacked_value(self, name: str, users: list[str], which: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def stack(self, name: str, users: list[str]) -> tuple[torch.Tensor, ...]:
         blocks = [self.tuning(u).blocks[site_key(name)] for u in users]
-        down_w = torch.stack([b.down.weight for b in blocks])[which]  # [n, r, d]
-        down_b = torch.stack([b.down.bias for b in blocks])[which]
-        up_w = torch.stack([b.up.weight for b in blocks])[which]  # [n, d, r]
-        up_b = torch.stack([b.up.bias for b in blocks])[which]
+        return (torch.stack([b.down.weight for b in blocks]),  # [n, r, d]
+                torch.stack([b.down.bias for b in blocks]),
+                torch.stack([b.up.weight for b in blocks]),  # [n, d, r]
+                torch.stack([b.up.bias for b in blocks]))
+
+    def stacked_apply(self, name: str, users: list[str], params: tuple[torch.Tensor, ...], h: torch.Tensor) -> torch.Tensor:
+        down_w, down_b, up_w, up_b = params
+        act = self.tuning(users[0]).blocks[site_key(name)].act
         x = h.to(down_w.dtype).reshape(h.shape[0], -1, h.shape[-1])
-        mid = blocks[0].act(torch.baddbmm(down_b[:, None], x, down_w.transpose(1, 2)))
+        mid = act(torch.baddbmm(down_b[:, None], x, down_w.transpose(1, 2)))
         return torch.baddbmm(up_b[:, None], mid, up_w.transpose(1, 2)).reshape(h.shape)
 
     def sites(self, method: Adapter) -> dict[str, int]:

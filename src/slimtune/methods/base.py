@@ -60,6 +60,7 @@ class Component(nn.Module):
     """One method installed on one model, holding the tunings of many users."""
 
     kind: ClassVar[str] = ""
+    keep_bytes: ClassVar[int] = 1 << 30  # at most this much kept by `kept()` per component
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -67,6 +68,9 @@ class Component(nn.Module):
         self.users = nn.ModuleDict()
         self.methods: dict[str, Method] = {}
         self._handles: list = []
+        self._param_lists: dict[str, list[nn.Parameter]] = {}
+        self._kept: dict = {}  # key -> (signature, value): see `kept()`
+        self._kept_bytes = 0
 
     @property
     def device(self) -> torch.device:
@@ -82,10 +86,54 @@ class Component(nn.Module):
         tuning = self.build(method, context) if state is None else self.from_state(method, state)
         self.users[slot_key(user)] = tuning.to(device=self.device, dtype=self.dtype)
         self.methods[user] = method
+        self._forget(user)
 
     def remove(self, user: str) -> None:
         del self.users[slot_key(user)]
         del self.methods[user]
+        self._forget(user)
+
+    def _forget(self, user: str) -> None:
+        self._param_lists.pop(user, None)
+        self._kept.clear()
+        self._kept_bytes = 0
+
+    def signature(self, users: list[str]) -> tuple:
+        """Changes whenever any of these users' parameters is changed in place (an optimizer step,
+        a load): values kept by `kept()` are reused only while it holds."""
+        out = []
+        for user in users:
+            if user not in self._param_lists:
+                self._param_lists[user] = list(self.tuning(user).parameters())
+            # (inference tensors keep no version: they cannot be changed outside inference mode)
+            out.append(sum(0 if p.is_inference() else p._version for p in self._param_lists[user]))
+        return tuple(out)
+
+    def kept(self, key: tuple, users: list[str], build, routing: Routing | None = None):
+        """`build()`, kept between calls in inference while `users`' parameters do not change:
+        decoding step after step with the same rows then recomputes and copies nothing. Training
+        (grad enabled) always builds afresh, through the parameters, so gradients reach each user."""
+        if torch.is_grad_enabled():
+            return build()
+        signature = None
+        if routing is not None:  # once per forward, not once per layer
+            signature = routing.cache.get(("signature", id(self), tuple(users)))
+        if signature is None:
+            signature = self.signature(users)
+            if routing is not None:
+                routing.cache[("signature", id(self), tuple(users))] = signature
+        hit = self._kept.get(key)
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        value = build()
+        size = sum(t.numel() * t.element_size() for t in _tensors(value))
+        if self._kept_bytes + size > self.keep_bytes:  # many batch layouts seen: start afresh
+            self._kept.clear()
+            self._kept_bytes = 0
+        if size <= self.keep_bytes:
+            self._kept[key] = (signature, value)
+            self._kept_bytes += size
+        return value
 
     def tuning(self, user: str) -> nn.Module:
         return self.users[slot_key(user)]
@@ -112,6 +160,14 @@ class Component(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for v in value for t in _tensors(v)] if isinstance(value, (list, tuple)) else []
 
 
 def expect_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
@@ -147,6 +203,16 @@ class SiteComponent(Component):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.hooked: set[str] = set()
+        self._site_sets: dict[str, frozenset[str]] = {}
+
+    def _forget(self, user: str) -> None:
+        super()._forget(user)
+        self._site_sets.pop(user, None)
+
+    def has_site(self, user: str, name: str) -> bool:
+        if user not in self._site_sets:
+            self._site_sets[user] = frozenset(self.tuning(user).names)
+        return name in self._site_sets[user]
 
     def site_value(self, user: str, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -155,11 +221,15 @@ class SiteComponent(Component):
         return False
 
     def stackable(self, users: list[str]) -> bool:
-        """Whether these users' tunings have the same shapes, so `stacked_value` can run them together."""
+        """Whether these users' tunings have the same shapes, so they can run as one batched computation."""
         return False
 
-    def stacked_value(self, name: str, users: list[str], which: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`site_value` for many users at once: row i of x belongs to users[which[i]]."""
+    def stack(self, name: str, users: list[str]) -> tuple[torch.Tensor, ...]:
+        """The users' parameters at one site, each stacked along a new first dimension [len(users), ...]."""
+        raise NotImplementedError
+
+    def stacked_apply(self, name: str, users: list[str], params: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        """`site_value` for many rows at once: `params` are `stack()`'s tensors gathered by row (row i's own)."""
         raise NotImplementedError
 
     def hook_sites(self, names: list[str]) -> None:
@@ -175,7 +245,10 @@ class SiteComponent(Component):
             if routing is None:
                 return None
             everyone = routing.groups(self, output.shape[0])
-            groups = [(user, rows) for user, rows in everyone if name in self.tuning(user).names and not self.skips(user)]
+            key = ("site-groups", id(self), name, output.shape[0])
+            if key not in routing.cache:  # the same for every call at this site during one forward
+                routing.cache[key] = [(u, rows) for u, rows in everyone if self.has_site(u, name) and not self.skips(u)]
+            groups = routing.cache[key]
             if not groups:
                 return None
             source = args[0] if self.from_input else output
@@ -187,10 +260,22 @@ class SiteComponent(Component):
 
     def _stacked(self, name: str, routing: Routing, source: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Every user's rows in one gathered, batched computation instead of a loop over users."""
-        users, rows, which = routing.stacked(self, output.shape[0])
-        value = self.stacked_value(name, users, which, source.index_select(0, rows)).to(output.dtype)
+        batch = output.shape[0]
+        users, rows, which = routing.stacked(self, batch)
+        params = self._gather(name, users, which, routing, batch)
+        if routing.in_order(self, batch):  # every row is ours, in order: no gather or scatter of activations
+            value = self.stacked_apply(name, users, params, source).to(output.dtype)
+            return value if self.replace else output + value
+        value = self.stacked_apply(name, users, params, source.index_select(0, rows)).to(output.dtype)
         return output.index_copy(0, rows, value) if self.replace else output.index_add(0, rows, value)
+
+    def _gather(self, name: str, users: list[str], which: torch.Tensor, routing: Routing, batch: int) -> tuple:
+        """Each row's parameters at one site (kept between inference calls with the same rows)."""
+        key = ("site", name, tuple(users), routing.owners_key(self, batch))
+        return self.kept(key, users, lambda: tuple(t[which] for t in self.stack(name, users)), routing)
 
     def close(self) -> None:
         super().close()
         self.hooked.clear()
+        self._kept.clear()
+        self._kept_bytes = 0

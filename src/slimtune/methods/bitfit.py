@@ -48,8 +48,11 @@ class BitFitComponent(SiteComponent):
     def stackable(self, users: list[str]) -> bool:
         return True
 
-    def stacked_value(self, name: str, users: list[str], which: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        delta = torch.stack([self.tuning(u).bias(name) for u in users])[which]  # [n, d]
+    def stack(self, name: str, users: list[str]) -> tuple[torch.Tensor, ...]:
+        return (torch.stack([self.tuning(u).bias(name) for u in users]),)  # [n, d]
+
+    def stacked_apply(self, name: str, users: list[str], params: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        (delta,) = params
         return delta.view(out.shape[0], *[1] * (out.dim() - 2), out.shape[-1]).expand_as(out)
 
     def sites(self, method: BitFit) -> dict[str, int]:

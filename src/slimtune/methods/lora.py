@@ -77,18 +77,18 @@ class LoRAComponent(SiteComponent):
         first = self.methods[users[0]]
         return all((self.methods[u].rank, self.methods[u].dropout) == (first.rank, first.dropout) for u in users)
 
-    def stacked_value(self, name: str, users: list[str], which: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def stack(self, name: str, users: list[str]) -> tuple[torch.Tensor, ...]:
         key = site_key(name)
         tunings = [self.tuning(u) for u in users]
-        a = torch.stack([t.A[key] for t in tunings])[which]  # [n, r, d_in]
-        b = torch.stack([t.B[key] for t in tunings])[which]  # [n, d_out, r]
-        h = tunings[0].dropout(x).to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        a = torch.stack([t.A[key] for t in tunings])  # [n, r, d_in]
+        b = torch.stack([t.B[key] for t in tunings])  # [n, d_out, r]
+        scale = torch.tensor([t.scale for t in tunings], dtype=a.dtype, device=a.device)
+        return a, b * scale[:, None, None]  # the scale folded into B: one multiply fewer per call
+
+    def stacked_apply(self, name: str, users: list[str], params: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        a, b = params
+        h = self.tuning(users[0]).dropout(x).to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
         out = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
-        scales = {t.scale for t in tunings}
-        if len(scales) == 1:
-            out = out * scales.pop()
-        else:  # users of different alpha: a per-row scale (built on the host, so only in this rare case)
-            out = out * torch.tensor([t.scale for t in tunings], dtype=out.dtype).to(out.device)[which][:, None, None]
         return out.reshape(*x.shape[:-1], b.shape[1])
 
     def sites(self, method: LoRA) -> dict[str, tuple[int, int]]:

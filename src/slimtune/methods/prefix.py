@@ -245,9 +245,9 @@ class PrefixComponent(Component):
             return {f"{n}.prefix": t.detach().contiguous() for n, t in self.tuning(user).tables().items()}
 
     def prepare(self, routing: Routing) -> None:
-        # The MLP runs once per batch, not once per layer.
-        users = {user for user, _ in routing.groups(self)}
-        routing.cache[self] = {user: self.tuning(user).tables() for user in users}
+        # The MLP runs once per batch, not once per layer (and in inference, once until the tuning changes).
+        users = [user for user, _ in routing.groups(self)]
+        routing.cache[self] = {user: self.kept(("tables", user), [user], self.tuning(user).tables) for user in users}
 
     def batch_prefix(self, module: nn.Module, routing: Routing, batch: int):
         site = self.sites.get(module)
@@ -268,9 +268,13 @@ class PrefixComponent(Component):
             return p[0], p[1], valid
         # Many users: one stack of their (padded) prefixes and one gather by row, not a loop over users.
         users, rows, which = routing.stacked(self, batch)
-        padded = torch.stack([nn.functional.pad(tables[u][name], (0, 0, 0, total - lengths[u])) for u in users])
         h, d = site[1], site[2]
-        p = padded.new_zeros(batch, 2, h, total, d).index_copy(0, rows, padded[which])
+
+        def gather():
+            padded = torch.stack([nn.functional.pad(tables[u][name], (0, 0, 0, total - lengths[u])) for u in users])
+            return padded.new_zeros(batch, 2, h, total, d).index_copy(0, rows, padded[which])
+
+        p = self.kept(("site", name, tuple(users), routing.owners_key(self, batch)), users, gather, routing)
         key = ("prefix-columns", id(self), batch)  # the same for every layer of this batch
         if key not in routing.cache:
             k = torch.tensor([lengths[u] for u in users], device=rows.device)[which]
