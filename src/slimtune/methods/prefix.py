@@ -113,7 +113,11 @@ def _prefixed_attention(base: str):
         p_key, p_value, valid = prefix
         is_causal = kwargs.pop("is_causal", None)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        attention_mask = _visible_mask(attention_mask, valid, query, key, causal)
+        # Every layer of one forward gets the same mask: widen it once (keyed by the tensors, which live through the forward).
+        widened = ("prefix-mask", id(attention_mask), id(valid), tuple(query.shape), tuple(key.shape), causal)
+        if widened not in routing.cache:
+            routing.cache[widened] = (attention_mask, _visible_mask(attention_mask, valid, query, key, causal))
+        attention_mask = routing.cache[widened][1]
         key = torch.cat([p_key.to(key.dtype), key], dim=2)
         value = torch.cat([p_value.to(value.dtype), value], dim=2)
         bias = kwargs.get("position_bias")
