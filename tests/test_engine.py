@@ -170,3 +170,30 @@ def test_a_cancelled_stream_frees_its_slot_and_close_finishes_what_is_in_flight(
     done = running.result()
     assert done.finish_reason in ("length", "stop") and not engine._running
     assert done.finish_reason == "stop" or len(done.token_ids) == 30
+
+
+def test_a_tuning_replaced_or_deleted_in_the_store_is_served_as_the_store_holds_it(tmp_path):
+    model = build("gpt2")
+    store = slimtune.Store(tmp_path / "store", model)
+    folders = []
+    for seed in range(2):
+        tuned = slimtune.attach(build("gpt2"), slimtune.LoRA(rank=2))
+        perturb(tuned.tuning_parameters(), seed=seed, scale=1.0)
+        folders.append(tuned.save(tmp_path / f"v{seed}"))
+    store.add("alice", folders[0])
+    engine = Engine(model, vocab_tokenizer(), store)
+    first = engine.generate("alice", prompt(0), max_new_tokens=6)
+    running = engine.stream("alice", prompt(0), max_new_tokens=60)  # still using version 0 while it is replaced
+    store.add("alice", folders[1], replace=True)
+    engine.remove("alice")
+    second = engine.generate("alice", prompt(0), max_new_tokens=6)
+    assert running.result().token_ids[:6] == first.token_ids
+    fresh = Engine(build("gpt2"), vocab_tokenizer())
+    fresh.add("alice", folders[1])
+    assert second.token_ids == fresh.generate("alice", prompt(0), max_new_tokens=6).token_ids != first.token_ids
+    store.delete("alice")
+    engine.remove("alice")
+    with pytest.raises(UnknownUserError):
+        engine.generate("alice", prompt(0))
+    engine.close()
+    fresh.close()

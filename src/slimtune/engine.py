@@ -225,6 +225,7 @@ class Engine:
         self.stats = EngineStats()
         self._resident: OrderedDict[str, None] = OrderedDict()  # loaded from the store, least recent first
         self._pinned: set[str] = set()  # added directly: cannot be reloaded, never evicted
+        self._stale: set[str] = set()  # deleted or replaced in the store while rows still used them
         self._tasks: dict[str, dict | None] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[tuple[Generation, list[int]]] = deque()
@@ -255,18 +256,27 @@ class Engine:
         self._tasks[name] = task if task is not None else _task_of(tuning)
 
     def remove(self, name: str) -> None:
-        """Forget a tuning (e.g. deleted from the store); requests already running keep it until they end."""
+        """Forget a tuning (deleted or replaced in the store, or added directly): requests already
+        running keep the old one until they end; later ones get what the store holds then."""
         with self._lock:
-            self._pinned.discard(name)
-            if name in self._resident and not self._in_use(name):
-                self._evict(name)
+            self._tasks.pop(name, None)
+            if name in self._pinned:
+                self._pinned.discard(name)
+                self._resident[name] = None  # evicted like a stored one once its rows are done
+            if name in self._resident:
+                if self._in_use(name):
+                    self._stale.add(name)
+                else:
+                    self._evict(name)
 
     @property
     def resident(self) -> list[str]:
-        return [*self._pinned, *self._resident]
+        return [*self._pinned, *(u for u in self._resident if u not in self._pinned)]
 
     def knows(self, user: str | None) -> bool:
-        return user is None or user in self._pinned or user in self._resident or (self.store is not None and user in self.store)
+        if user is None or user in self._pinned:
+            return True
+        return self.store is not None and user in self.store
 
     def task(self, user: str) -> dict | None:
         """What `user`'s tuning was trained to do (labels, template), if recorded."""
@@ -288,9 +298,13 @@ class Engine:
         """Load `user` if needed; False when the bank is full of tunings in use (try again later)."""
         if user is None or user in self._pinned:
             return True
-        if user in self._resident:
+        if user in self._stale and not self._in_use(user):
+            self._evict(user)
+        if user in self._resident and user not in self._stale:
             self._resident.move_to_end(user)
             return True
+        if user in self._stale:
+            return False  # the old version is still in use: wait for its rows to finish
         if len(self._resident) >= self.max_resident:
             victim = next((u for u in self._resident if u not in keep and not self._in_use(u)), None)
             if victim is None:
@@ -306,6 +320,7 @@ class Engine:
         self.bank.remove(user)
         self._resident.pop(user, None)
         self._tasks.pop(user, None)
+        self._stale.discard(user)
         self.stats.evictions += 1
 
     # --- the public API ------------------------------------------------------------------------
