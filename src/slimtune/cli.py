@@ -160,6 +160,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve  # fastapi and uvicorn only when serving
+
+    serve(model=args.model, store=args.store, host=args.host, port=args.port, admin_key_file=args.admin_key_file,
+          max_resident=args.max_resident, max_batch=args.max_batch)
+    return 0
+
+
 def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, choices=list(METHOD_NAMES), help="which tuning method")
     g = p.add_argument_group("method options")
@@ -207,6 +215,16 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--examples", type=int, help="evaluate only the first N examples")
     ev.set_defaults(func=cmd_eval)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the store's tunings, with per-user keys")
+    serve.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a local HF folder or a hub id")
+    serve.add_argument("--store", default="slimtune-store", help="the store folder (tunings and keys.json)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--admin-key-file", help="a file holding the admin key (default: $SLIMTUNE_ADMIN_KEY)")
+    serve.add_argument("--max-resident", type=int, default=64, help="tunings held in memory at once")
+    serve.add_argument("--max-batch", type=int, default=32, help="generations per decoding step")
+    serve.set_defaults(func=cmd_serve)
     return top
 
 
