@@ -464,7 +464,8 @@ def test_bad_requests_get_openai_errors(srv):
         client.completions.create(model="prompt", prompt=long_prompt, max_tokens=6)
     for options, param in (({"max_tokens": 0}, "max_tokens"), ({"temperature": 5}, "temperature"),
                            ({"top_p": 1.5}, "top_p"), ({"n": 2}, "n"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-                           ({"prompt": ""}, "prompt"), ({"prompt": [1000]}, "prompt")):
+                           ({"prompt": ""}, "prompt"), ({"prompt": [1000]}, "prompt"), ({"logprobs": 2}, "logprobs"),
+                           ({"echo": True}, "echo"), ({"presence_penalty": 0.5}, "presence_penalty")):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(**{"model": "lora", "prompt": "hello", **options})
         assert err.value.param == param, (options, err.value.body)
@@ -479,6 +480,8 @@ def test_bad_requests_get_openai_errors(srv):
         response = srv.http.post("/v1/completions", headers=headers, content=raw)
         assert response.status_code == status, (raw[:40], response.text)
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    chunked = srv.http.post("/v1/completions", headers=headers, content=iter([b" " * 2**19] * 4))  # no Content-Length
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
     assert srv.http.get("/v1/nothing", headers=auth(srv.alice["key"])).status_code == 404
 
 

@@ -130,6 +130,26 @@ class _Sampling(_Body):
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # OpenAI options this server does not implement: refused when they would change the answer, not ignored.
+    echo: bool | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    best_of: int | None = None
+    suffix: str | None = None
+    logit_bias: dict | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+    def unsupported(self) -> str | None:
+        """The first option set that this server cannot honour, if any."""
+        used = {"echo": self.echo, "logprobs": self.logprobs not in (None, False, 0), "top_logprobs": self.top_logprobs,
+                "best_of": self.best_of not in (None, 1), "suffix": self.suffix, "logit_bias": self.logit_bias,
+                "frequency_penalty": self.frequency_penalty not in (None, 0), "tools": self.tools,
+                "presence_penalty": self.presence_penalty not in (None, 0),
+                "response_format": (self.response_format or {}).get("type", "text") != "text"}
+        return next((name for name, value in used.items() if value), None)
 
 
 class CompletionBody(_Sampling):
@@ -449,6 +469,9 @@ class Service:
         """Check a request's values and tokenise it; holds its tuning (the caller must release it on failure)."""
         if body.n not in (None, 1):
             raise APIError(400, f"n={body.n} is not supported: this server makes one choice per prompt (n=1).", param="n")
+        if (option := body.unsupported()) is not None:
+            raise APIError(400, f"{option} is not supported by this server; leave it unset.", param=option,
+                           code="unsupported_parameter")
         options = sampling_options(body)
         prompts = self.chat_prompt(body.messages) if chat else self.completion_prompts(body.prompt)
         requested = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
