@@ -197,3 +197,22 @@ def test_a_tuning_replaced_or_deleted_in_the_store_is_served_as_the_store_holds_
         engine.generate("alice", prompt(0))
     engine.close()
     fresh.close()
+
+
+def test_a_tuning_deleted_while_its_request_waits_fails_that_request_only(tmp_path):
+    model = build("gpt2")
+    store = slimtune.Store(tmp_path / "store", model)
+    for name, method in [("alice", slimtune.LoRA(rank=2)), ("bob", slimtune.PromptTuning(length=30, init="uniform"))]:
+        store.add(name, slimtune.attach(build("gpt2"), method))
+    engine = Engine(model, vocab_tokenizer(), store, max_batch=1)
+    # bob's 30 virtual tokens count against the context before bob was ever loaded
+    with pytest.raises(RequestError, match="virtual"):
+        engine.generate("bob", [5] * 90, max_new_tokens=10)
+    busy = engine.stream(None, prompt(0), max_new_tokens=40, ignore_eos=True)  # holds the only row
+    waiting = engine.stream("alice", prompt(1), max_new_tokens=3)
+    other = engine.stream(None, prompt(2), max_new_tokens=3)
+    store.delete("alice")
+    with pytest.raises(UnknownUserError, match="alice"):
+        waiting.result()
+    assert len(busy.result().token_ids) == 40 and other.result().finish_reason in ("stop", "length")
+    engine.close()

@@ -416,10 +416,16 @@ class Engine:
                 self._worker.start()
 
     def _virtual_tokens(self, user: str | None) -> int:
-        if user is None or user not in self.bank.users:
+        """The prompt-tuning tokens a user's rows carry (they count against the context)."""
+        if user is None:
             return 0
-        method = self.bank.method(user)
-        return method.length if method.kind == "prompt" else 0
+        if user in self.bank.users:
+            method = self.bank.method(user).to_dict()
+        elif self.store is not None and user in self.store:
+            method = self.store.entry(user).method
+        else:
+            return 0
+        return int(method.get("length", 0)) if method.get("kind") == "prompt" else 0
 
     def _work(self) -> None:
         while True:
@@ -471,7 +477,12 @@ class Engine:
             while self._scoring and (not jobs or rows + len(self._scoring[0].texts) <= self.max_batch):
                 job = self._scoring[0]
                 keep = {j.user for j in jobs if j.user is not None}
-                if not self._make_resident(job.user, keep):
+                try:
+                    resident = self._make_resident(job.user, keep)
+                except Exception as err:  # deleted meanwhile, or unreadable: this request fails, no other
+                    self._scoring.popleft().channel.put(("error", err))
+                    continue
+                if not resident:
                     break
                 jobs.append(self._scoring.popleft())
                 rows += len(job.texts)
@@ -547,7 +558,13 @@ class Engine:
                 self._waiting.popleft()
                 self._finish(_Row(handle, ids, None), "cancelled")
                 continue
-            if not self._make_resident(handle.request.user, keep):
+            try:
+                resident = self._make_resident(handle.request.user, keep)
+            except Exception as err:  # deleted meanwhile, or unreadable: this request fails, no other
+                self._waiting.popleft()
+                handle._channel.put(("error", err))
+                continue
+            if not resident:
                 break  # the bank is full of tunings in use; wait for rows to finish
             self._waiting.popleft()
             keep.add(handle.request.user)
