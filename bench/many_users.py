@@ -136,7 +136,7 @@ class Bench:
             return model(input_ids=ids, attention_mask=mask)
 
         with torch.inference_mode():
-            for method in [*METHODS, "mix"]:
+            for method in self.args.methods:
                 bank, users = make_bank(model, rows, list(METHODS) if method == "mix" else [method])
 
                 def mixed(b=bank, u=users):
@@ -166,7 +166,7 @@ class Bench:
                                   do_sample=False, pad_token_id=self.eos)
 
         tokenizer = _IdsTokenizer(self.vocab, self.eos)
-        for method in ["base", *METHODS, "mix"]:
+        for method in ["base", *self.args.methods]:
             engine = Engine(model, tokenizer, max_batch=rows)
             if method == "base":
                 users = [None] * rows
@@ -289,7 +289,8 @@ class Bench:
             out["slimtune_prompt_mixed_row_b_max_abs_diff_from_alone"] = float((mixed - alone).abs().max())
             bank.detach()
             # 2. Prefix tuning's generate(): does the prefix change the text at all?
-            wrapped = get_peft_model(copy.deepcopy(self.model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)).eval()
+            prefix = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10)
+            wrapped = get_peft_model(copy.deepcopy(self.model), prefix).eval()
             with torch.no_grad():
                 for p in wrapped.prompt_encoder.parameters():
                     p.mul_(20.0)  # a prefix strong enough to change the text
@@ -340,6 +341,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loop-rows", type=int, default=16, help="time the one-at-a-time loop up to this many rows")
     p.add_argument("--stored", type=int, nargs="+", default=[1, 16, 256, 1024])
+    p.add_argument("--methods", nargs="+", default=[*METHODS, "mix"], choices=[*METHODS, "mix"])
     p.add_argument("--skip", nargs="*", default=[], choices=["forward", "generation", "peft", "scaling"])
     p.add_argument("--out", default="bench/results/many_users.json")
     args = p.parse_args()
