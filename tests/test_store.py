@@ -90,7 +90,7 @@ def test_refused_tunings_leave_the_store_unchanged(tmp_path):
         with pytest.raises(TuningError, match="invalid tuning name"):
             store.add(bad, saved(tmp_path, seed=7))
     assert snapshot(store) == before
-    assert not [p for p in store.path.iterdir() if p.name.startswith((".staging", ".trash"))]
+    assert not [p for p in store.path.rglob(".*") if p.name.startswith((".staging", ".trash"))]
 
 
 def test_replace_swaps_the_whole_entry(tmp_path):
@@ -116,6 +116,8 @@ def _add_many(folder, source, prefix, count):
     for i in range(count):
         store.add(f"{prefix}{i}", source)
         store.add("contested", source, replace=True)  # both processes write the same name too
+        assert "contested" in store  # a replace never leaves the name missing, even for a moment
+        store.entry("contested")
 
 
 def test_two_processes_adding_at_once_never_corrupt_the_store(tmp_path):
@@ -133,4 +135,5 @@ def test_two_processes_adding_at_once_never_corrupt_the_store(tmp_path):
     model = build("gpt2")
     for name in store.names():  # every entry whole and loadable
         slimtune.load(model, store.path_of(name))
-    assert not [p for p in os.listdir(store.path) if p.startswith((".staging", ".trash"))]
+    assert not [p for p in store.path.rglob(".*") if p.name.startswith((".staging", ".trash"))]
+    assert len(os.listdir(store.versions)) == len(store.names())  # replaced versions were removed

@@ -3,12 +3,14 @@
     store/
       store.json               which base model the store is for (its fingerprint)
       .lock                    held while the store changes, so concurrent writers take turns
-      tunings/<name>/          a saved tuning (slimtune.json + tuning.safetensors), plus
+      tunings/<name>           a link to the current version of the tuning:
+      versions/<name>.<id>/    a saved tuning (slimtune.json + tuning.safetensors), plus
                                entry.json: name, method, size, creation time, task
 
 Adding is atomic and validated: the tuning is read back from a private temporary folder (checksum,
-method config, model fingerprint) before one `rename` makes it visible, so a reader sees either
-no entry or a whole one, and a refused tuning leaves the store as it was. Writers (threads or
+method config, model fingerprint), moved to a version folder of its own, and made visible by
+one atomic `rename` of the link, so a reader sees the old whole version or the new whole one,
+never none in between, and a refused tuning leaves the store as it was. Writers (threads or
 processes) serialise on an exclusive lock on `.lock`.
 """
 
@@ -73,6 +75,7 @@ class Store:
         self.path = Path(path)
         self.model = model
         self.tunings = self.path / "tunings"
+        self.versions = self.path / "versions"
         current = modules.fingerprint(model) if model is not None else None
         self.fingerprint = self._open(current)
 
@@ -96,6 +99,7 @@ class Store:
                     return current
                 return stored
             self.tunings.mkdir(parents=True, exist_ok=True)
+            self.versions.mkdir(parents=True, exist_ok=True)
             self._write_record(current)
             return current
 
@@ -127,17 +131,22 @@ class Store:
         return sorted(p.name for p in self.tunings.iterdir() if NAME.fullmatch(p.name) and (p / ENTRY).is_file())
 
     def path_of(self, name: str) -> Path:
-        """The folder of a stored tuning (what `Bank.add` and `slimtune.load` read)."""
+        """The folder of a stored tuning's current version (what `Bank.add` and `slimtune.load` read)."""
         if name not in self:
             raise UnknownUserError(f"no tuning named {name!r} in the store at '{self.path}'")
-        return self.tunings / name
+        return (self.tunings / name).resolve()
 
     def entry(self, name: str) -> StoreEntry:
-        folder = self.path_of(name)
-        try:
-            info = json.loads((folder / ENTRY).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TuningFileError(f"the store's entry for {name!r} is unreadable: {err}") from err
+        for attempt in range(3):  # a version replaced between resolving the link and reading it: look again
+            folder = self.path_of(name)
+            try:
+                info = json.loads((folder / ENTRY).read_text())
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise UnknownUserError(f"the tuning {name!r} kept changing while it was read; try again") from None
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise TuningFileError(f"the store's entry for {name!r} is unreadable: {err}") from err
         return StoreEntry(name=name, method=info["method"], bytes=info["bytes"], created=info["created"],
                           model=info["model"], task=info.get("task"), path=folder)
 
@@ -161,36 +170,45 @@ class Store:
         check_name(name)
         record, tensors = self._read(tuning)
         task = task if task is not None else record.get("task")
-        staging = Path(tempfile.mkdtemp(dir=self.path, prefix=".staging-"))
+        self.versions.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.versions, prefix=".staging-"))
         try:
             record = {k: v for k, v in record.items() if k not in ("format", "version", "sha256")}
             if task is not None:
                 record["task"] = task
             storage.write(staging, record, tensors)
             stored, _ = storage.read(staging)  # what is on disk reads back, checksum and all
-            entry = {"name": name, "method": stored["method"], "model": stored["model"], "task": task,
-                     "bytes": (staging / storage.TENSORS).stat().st_size, "created": time.time()}
-            storage.atomic_write(staging / ENTRY, (json.dumps(entry, indent=2) + "\n").encode())
+            info = {"name": name, "method": stored["method"], "model": stored["model"], "task": task,
+                    "bytes": (staging / storage.TENSORS).stat().st_size, "created": time.time()}
+            storage.atomic_write(staging / ENTRY, (json.dumps(info, indent=2) + "\n").encode())
             with self._locked():
                 self._check_fingerprint(stored["model"], name)
-                target = self.tunings / name
-                if target.exists():
-                    if not replace:
-                        raise TuningError(f"the store already holds a tuning named {name!r}; delete it or pass replace=True")
-                    self._discard(target)
+                link = self.tunings / name
+                old = link.resolve() if name in self else None
+                if old is not None and not replace:
+                    raise TuningError(f"the store already holds a tuning named {name!r}; delete it or pass replace=True")
+                version = self.versions / f"{name}.{uuid.uuid4().hex[:12]}"
+                os.rename(staging, version)
                 self.tunings.mkdir(parents=True, exist_ok=True)
-                os.rename(staging, target)
+                fresh = self.tunings / f".{name}.{uuid.uuid4().hex}.link"
+                os.symlink(os.path.relpath(version, self.tunings), fresh)
+                os.replace(fresh, link)  # the one step that changes what readers see
+                if old is not None:
+                    self._discard(old)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-        return self.entry(name)
+        return StoreEntry(name=name, method=info["method"], bytes=info["bytes"], created=info["created"],
+                          model=info["model"], task=task, path=version)
 
     def delete(self, name: str) -> None:
         check_name(name)
         with self._locked():
             if name not in self:
                 raise UnknownUserError(f"no tuning named {name!r} in the store at '{self.path}'")
-            self._discard(self.tunings / name)
+            version = (self.tunings / name).resolve()
+            os.unlink(self.tunings / name)  # gone for readers in one step
+            self._discard(version)
 
     def _discard(self, folder: Path) -> None:
         """Move out of sight in one rename, then remove: readers never see half a folder."""
