@@ -210,6 +210,8 @@ class Engine:
                  max_batch: int = 32, max_length: int | None = None):
         if max_resident < 1 or max_batch < 1:
             raise TuningError("max_resident and max_batch must be at least 1")
+        if isinstance(tokenizer, Store) or (store is not None and not isinstance(store, Store)):
+            raise TuningError("Engine(model, tokenizer, store): pass the model's tokenizer second and the Store third")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store = store
