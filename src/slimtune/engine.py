@@ -23,19 +23,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import queue
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-from . import modules
+from . import modules, storage
 from .bank import Bank
 from .data import Example, Task
 from .errors import TuningError, UnknownUserError
@@ -340,7 +342,7 @@ class Engine:
             raise RequestError("the prompt is empty: give at least one token")
         if any(not isinstance(t, int) or not 0 <= t < len(self.tokenizer) for t in ids):
             raise RequestError("the prompt's token ids must be integers within the vocabulary")
-        virtual = self._virtual_tokens(request.user)
+        virtual = self.virtual_tokens(request.user)
         if len(ids) + virtual + request.max_new_tokens > self.max_length:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens{f' (+{virtual} virtual)' if virtual else ''} and asks for "
@@ -417,7 +419,7 @@ class Engine:
                 self._worker = threading.Thread(target=self._work, name="slimtune-engine", daemon=True)
                 self._worker.start()
 
-    def _virtual_tokens(self, user: str | None) -> int:
+    def virtual_tokens(self, user: str | None) -> int:
         """The prompt-tuning tokens a user's rows carry (they count against the context)."""
         if user is None:
             return 0
@@ -715,16 +717,7 @@ def _unwrap(item: tuple):
 
 
 def _task_of(tuning: Any) -> dict | None:
-    """The task recorded in a saved tuning folder, if any."""
-    import json
-    import os
-    from pathlib import Path
-
-    from . import storage
-
-    if isinstance(tuning, (str, os.PathLike)):
-        record = Path(tuning) / storage.RECORD
-        if record.is_file():
-            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-                return json.loads(record.read_text()).get("task")
+    """The task recorded in a saved slimtune tuning folder, if any (a PEFT folder records none)."""
+    if isinstance(tuning, (str, os.PathLike)) and (Path(tuning) / storage.RECORD).is_file():
+        return storage.read_record(tuning).get("task")
     return None

@@ -57,7 +57,8 @@ def write(path: str | os.PathLike, record: dict, tensors: dict[str, torch.Tensor
     return folder
 
 
-def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_record(path: str | os.PathLike) -> dict:
+    """A saved tuning's record (method, model fingerprint, task, checksum), checked to be one."""
     folder = Path(path)
     record_file, tensor_file = folder / RECORD, folder / TENSORS
     if not record_file.is_file() or not tensor_file.is_file():
@@ -70,6 +71,12 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise TuningFileError(f"'{record_file}' is not a slimtune tuning record (expected format {FORMAT!r})")
     if record.get("version") != VERSION:
         raise TuningFileError(f"'{folder}' has tuning format version {record.get('version')}; this slimtune reads {VERSION}")
+    return record
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    record = read_record(path)
+    tensor_file = Path(path) / TENSORS
     data = tensor_file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != record.get("sha256"):
