@@ -478,7 +478,7 @@ class Service:
         param = ("max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens") if chat else "max_tokens"
         user = await self.hold(caller, body.model, len(prompts))
         try:
-            virtual = self.virtual_tokens(user)
+            virtual = self.engine.virtual_tokens(user)
             limits = [self.max_tokens(requested, len(ids) + virtual, chat, param) for ids in prompts]
         except BaseException:
             self.release(user, len(prompts))
@@ -526,13 +526,6 @@ class Service:
         if not ids:
             raise APIError(400, "The conversation is empty once templated.", param="messages")
         return [ids]
-
-    def virtual_tokens(self, user: str | None) -> int:
-        """Context positions a prompt tuning adds before the prompt (the engine counts them only once loaded)."""
-        if user is None:
-            return 0
-        method = self.store.entry(user).method
-        return int(method.get("length", 0)) if method.get("kind") == "prompt" else 0
 
     def max_tokens(self, requested: int | None, used: int, chat: bool, param: str) -> int:
         """`max_tokens` checked against the context; its default: 16 (completions) or the rest of the context (chat)."""
