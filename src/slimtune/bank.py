@@ -118,7 +118,7 @@ class Bank(nn.Module):
             state = tuning.bank.state(tuning.user)
             method = tuning.method
         elif isinstance(tuning, (str, os.PathLike)):
-            method, state = read_tuning(tuning, self.model)
+            method, state = read_tuning(tuning, self.model, self.fingerprint)
         else:
             raise TuningError(
                 f"cannot add a {type(tuning).__name__} to a bank: expected a method config "
@@ -346,13 +346,14 @@ class TunedModel(nn.Module):
         return self.bank.parts["lora"]
 
 
-def read_tuning(path: str | os.PathLike, model: nn.Module) -> tuple[Method, dict[str, torch.Tensor]]:
+def read_tuning(path: str | os.PathLike, model: nn.Module, fingerprint: dict | None = None
+                ) -> tuple[Method, dict[str, torch.Tensor]]:
     """A saved tuning's method and tensors (slimtune's own format or an HF PEFT folder), checked
-    to be made for `model`'s type and shape."""
+    to be made for `model`'s type and shape (`fingerprint`: the model's, if already known)."""
     if peft_format.is_peft_folder(path):
         return peft_format.read(path, model)
     record, state = storage.read(path)
-    storage.check_model(record.get("model", {}), modules.fingerprint(model), str(path))
+    storage.check_model(record.get("model", {}), fingerprint or modules.fingerprint(model), str(path))
     return method_from_dict(record.get("method", {})), state
 
 

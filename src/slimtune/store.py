@@ -92,12 +92,13 @@ class Store:
                 if not isinstance(record, dict) or record.get("format") != FORMAT:
                     raise TuningFileError(f"'{self.path}' is not a slimtune store (expected format {FORMAT!r} in store.json)")
                 stored = record.get("model")
-                if current is not None and stored is not None:
-                    storage.check_model(stored, current, f"store {self.path}")
-                if stored is None and current is not None:
+                if current is None:
+                    return stored
+                if stored is None:
                     self._write_record(current)
-                    return current
-                return stored
+                else:
+                    storage.check_model(stored, current, f"store {self.path}")
+                return current  # this model's own: tunings added are checked against it
             self.tunings.mkdir(parents=True, exist_ok=True)
             self.versions.mkdir(parents=True, exist_ok=True)
             self._write_record(current)
@@ -238,10 +239,8 @@ class Store:
         if peft_format.is_peft_folder(tuning):
             if self.model is None:
                 raise TuningError("adding an HF PEFT folder needs the base model: open the store with Store(path, model=...)")
-            method, state = read_tuning(tuning, self.model)
-            return {"method": method.to_dict(), "model": modules.fingerprint(self.model)}, state
+            method, state = read_tuning(tuning, self.model, self.fingerprint)
+            return {"method": method.to_dict(), "model": self.fingerprint}, state
         record, tensors = storage.read(tuning)
         method_from_dict(record.get("method", {}))  # an unknown method or bad config is refused here
-        if self.model is not None:
-            storage.check_model(record.get("model", {}), modules.fingerprint(self.model), str(tuning))
-        return record, tensors
+        return record, tensors  # its base model is checked against the store's when it is added
