@@ -97,6 +97,9 @@ class Component(nn.Module):
 
     def _forget(self, user: str) -> None:
         self._param_lists.pop(user, None)
+        self._drop_kept()
+
+    def _drop_kept(self) -> None:
         self._kept.clear()
         self._kept_bytes = 0
 
@@ -130,8 +133,7 @@ class Component(nn.Module):
         value = build()
         size = sum(t.numel() * t.element_size() for t in _tensors(value))
         if self._kept_bytes + size > self.keep_bytes:  # many batch layouts seen: start afresh
-            self._kept.clear()
-            self._kept_bytes = 0
+            self._drop_kept()
         if size <= self.keep_bytes:
             self._kept[key] = (signature, value)
             self._kept_bytes += size
@@ -279,5 +281,4 @@ class SiteComponent(Component):
     def close(self) -> None:
         super().close()
         self.hooked.clear()
-        self._kept.clear()
-        self._kept_bytes = 0
+        self._drop_kept()
