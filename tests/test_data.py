@@ -253,6 +253,7 @@ def test_bbc_headline_ood_tests_only_on_topics_it_never_trained_on():
     seen = {e.group for e in task.train + task.validation}
     assert seen == {"business", "politics", "tech"}
     assert {e.group for e in task.test} == {"sports", "entertainment"}
+    assert task.shifted_test == ("seen topics", "unseen topics")  # compare scores validation in distribution
 
 
 @pytest.mark.integration

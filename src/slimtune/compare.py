@@ -69,10 +69,6 @@ def method_config(spec: Spec, task, model):
     return slimtune.FullFineTuning()
 
 
-# Tasks whose test split is itself out of distribution: (what validation holds, what test holds).
-SHIFTED_TEST = {"bbc-headline-ood": ("seen topics", "unseen topics")}
-
-
 def run_spec(spec: Spec, out: Path) -> dict:
     """Train (unless prompt design) and evaluate one configuration; returns its table row."""
     import torch
@@ -95,10 +91,11 @@ def run_spec(spec: Spec, out: Path) -> dict:
            "budget": spec.budget, **spec.options}
     test = task.test[: budget["test_examples"]]
     ood_test = ood.test[: budget["test_examples"]] if ood else []
-    if task.name in SHIFTED_TEST:  # its test split is the shifted one: in distribution is its validation split
+    if task.shifted_test:  # its test split is the shifted one: in distribution is its validation split
         ood, ood_test = task, test
         test = task.validation[: budget["test_examples"]]
-        row.update(task=f"{task.name} ({SHIFTED_TEST[task.name][0]})", ood_task=f"{task.name} ({SHIFTED_TEST[task.name][1]})")
+        seen, unseen = task.shifted_test
+        row.update(task=f"{task.name} ({seen})", ood_task=f"{task.name} ({unseen})")
     started = time.perf_counter()
     if spec.method.startswith("design"):
         if type(model).__name__.endswith("ForSequenceClassification"):

@@ -51,6 +51,7 @@ def load_headline_ood(seed: int = 0) -> Task:
     train, validation = split(_headline_examples(IN_DOMAIN), (0.9, 0.1), seed, by="label")
     out_of_domain = [e for e in _headline_examples(TOPICS) if e.label not in IN_DOMAIN]
     return Task("bbc-headline-ood", "generation", *_unlabelled(train, validation, out_of_domain),
+                shifted_test=("seen topics", "unseen topics"),
                 description="Headline of a BBC News article from its body: train and validation on business, "
                             "politics and tech (90/10), test on all sports and entertainment articles.",
                 source=SOURCE, licence=LICENCE)

@@ -40,6 +40,9 @@ class Task:
     description: str = ""
     source: str = ""
     licence: str = ""
+    # When the test split is itself out of distribution: (what validation holds, what test holds),
+    # e.g. ("seen topics", "unseen topics"); the comparison then scores validation in distribution.
+    shifted_test: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind == "classification":
