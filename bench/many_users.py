@@ -50,7 +50,7 @@ def tiny_model():
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return LlamaForCausalLM(config).eval(), None
+    return LlamaForCausalLM(config).eval()
 
 
 class _IdsTokenizer:
@@ -347,11 +347,10 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     if args.tiny:
-        model, name = tiny_model()[0], "tiny random Llama"
+        model, name = tiny_model(), "tiny random Llama"
     elif args.random:
         from transformers import LlamaForCausalLM
 
-        from slimtune.models import load_model  # noqa: F401  (same config as the packaged model)
         model, name = LlamaForCausalLM(_smollm2_config()).eval(), "smollm2-135m-shaped (random weights)"
     else:
         from slimtune.models import load_model
