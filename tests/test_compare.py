@@ -2,6 +2,7 @@
 the README's main job on the real default model and data."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -60,6 +61,77 @@ def test_the_init_ablation_runs_each_initialisation(tiny, tmp_path):
     rows = json.loads((out / "results.json").read_text())
     assert [r["init"] for r in rows] == ["uniform", "vocab", "labels"]
     assert (out / "ablation-init.png").exists()
+
+
+def test_running_the_same_study_again_reuses_finished_runs_and_refuses_other_settings(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),
+            "--methods", "design", "lora", "--budget", "smoke", "--out", str(out)]
+    assert compare.main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+
+    def no_child(*a, **k):
+        raise AssertionError("a finished configuration was run again")
+
+    monkeypatch.setattr(compare.subprocess, "run", no_child)
+    assert compare.main(args) == 0
+    assert json.loads((out / "results.json").read_text()) == first
+    # Another seed into the same folder would mix two studies in one table: refused, nothing changed.
+    with pytest.raises(slimtune.TuningError, match="other settings.*seed: 0 there, 1 here.*--fresh"):
+        compare.main([*args, "--seed", "1"])
+    assert json.loads((out / "results.json").read_text()) == first
+    monkeypatch.undo()
+    assert compare.main([*args, "--seed", "1", "--fresh"]) == 0
+    assert [r["seed"] for r in json.loads((out / "results.json").read_text())] == [1, 1]
+
+
+def test_an_interrupted_configuration_resumes_to_the_same_tuning(tiny, tmp_path, monkeypatch):
+    """A training stopped after its first checkpoint and run again ends with exactly the parameters,
+    training-step count and scores of one that ran straight through."""
+    from safetensors.torch import load_file
+
+    from slimtune.train import Trainer
+
+    monkeypatch.setitem(compare.BUDGETS, "test", {**compare.BUDGETS["smoke"], "steps": 6, "checkpoint_every": 2})
+    spec = compare.Spec(str(tiny["model"]), str(tiny["data"]), str(tiny["ood"]), "lora", "test", 0)
+    straight = compare.run_spec(spec, tmp_path / "straight")
+
+    step = Trainer._train_step
+
+    def stop_at_step_3(self, i):
+        if i == 3:
+            raise KeyboardInterrupt
+        return step(self, i)
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(Trainer, "_train_step", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_spec(spec, stopped)
+    ran = []
+
+    def counted(self, i):
+        ran.append(i)
+        return step(self, i)
+
+    monkeypatch.setattr(Trainer, "_train_step", counted)
+    resumed = compare.run_spec(spec, stopped, resume=True)
+    assert ran == [2, 3, 4, 5]  # on from the checkpoint at step 2, not from the start
+    for key in ("in_distribution_all", "out_of_distribution_all", "steps", "trainable"):
+        assert resumed[key] == straight[key]
+    a = load_file(tmp_path / "straight" / "checkpoint" / "trainable.safetensors")
+    b = load_file(stopped / "checkpoint" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a)
+    assert resumed["train_seconds"] > 0
+    # The study finds a checkpoint without a finished row (here: a run stopped while evaluating, after its
+    # last step) and resumes that configuration instead of training it again.
+    smoke = dataclasses.replace(spec, budget="smoke")  # a budget the study's child processes know
+    folder = tmp_path / "study" / "runs" / f"model-lora{compare._suffix(spec.options)}"
+    compare.earlier_run(smoke, folder)
+    alone = compare.run_spec(smoke, folder)
+    commands, real = [], compare.subprocess.run
+    monkeypatch.setattr(compare.subprocess, "run", lambda c, **k: commands.append(c) or real(c, **k))
+    [row] = compare.run_all([smoke], tmp_path / "study")
+    assert "--child-resume" in commands[0] and row["in_distribution_all"] == alone["in_distribution_all"]
 
 
 @pytest.mark.integration

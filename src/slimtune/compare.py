@@ -5,6 +5,10 @@ adapters, LoRA and BitFit are trained and evaluated on one task, scored in distr
 an out-of-distribution task, and written to a folder as a table (Markdown, CSV, JSON) and plots.
 Each trained method runs in its own process, so its peak memory is its own. `--ablation init`
 and `--ablation length` compare prompt-tuning initialisations and prompt lengths instead.
+
+A study can be stopped and run again with the same command: each configuration's finished row is kept in
+its run folder and reused, and an interrupted training resumes from its last checkpoint (`--fresh`
+discards earlier runs instead).
 """
 
 from __future__ import annotations
@@ -12,18 +16,24 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import TuningError
+
 # Budgets: `quick` finishes in minutes on 2 CPU cores, `full` is for published figures, `smoke`
-# only proves the pipeline runs (CI).
+# only proves the pipeline runs (CI). A training checkpoints every `checkpoint_every` steps (None: at its end).
 BUDGETS = {
-    "smoke": {"steps": 2, "batch_size": 4, "max_length": 48, "eval_examples": 4, "test_examples": 8},
-    "quick": {"steps": 40, "batch_size": 8, "max_length": 48, "eval_examples": 32, "test_examples": 200},
-    "full": {"steps": 400, "batch_size": 16, "max_length": 128, "eval_examples": 300, "test_examples": None},
+    "smoke": {"steps": 2, "batch_size": 4, "max_length": 48, "eval_examples": 4, "test_examples": 8,
+              "checkpoint_every": None},
+    "quick": {"steps": 40, "batch_size": 8, "max_length": 48, "eval_examples": 32, "test_examples": 200,
+              "checkpoint_every": None},
+    "full": {"steps": 400, "batch_size": 16, "max_length": 128, "eval_examples": 300, "test_examples": None,
+             "checkpoint_every": 50},
 }
 METHODS = ["full", "design", "design-4shot", "prompt", "prefix", "adapter", "lora", "bitfit"]
 LABELS = {"full": "model tuning", "design": "prompt design (0-shot)", "design-4shot": "prompt design (4-shot)",
@@ -69,8 +79,9 @@ def method_config(spec: Spec, task, model):
     return slimtune.FullFineTuning()
 
 
-def run_spec(spec: Spec, out: Path) -> dict:
-    """Train (unless prompt design) and evaluate one configuration; returns its table row."""
+def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
+    """Train (unless prompt design) and evaluate one configuration; returns its table row. With `resume`
+    the training goes on from the last checkpoint in `out`."""
     import torch
 
     import slimtune
@@ -116,10 +127,10 @@ def run_spec(spec: Spec, out: Path) -> dict:
         fmt = Format.for_model(task, tokenizer, model, max_length=budget["max_length"])
         config = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=COMPARE_LR[lr_key(method)],
                              eval_every=budget["steps"], eval_examples=budget["eval_examples"], seed=spec.seed,
-                             warmup=0.1)
+                             warmup=0.1, checkpoint_every=budget["checkpoint_every"])
         users = ["default"] * len(task.train)
         trainer = Trainer(tuned.bank, fmt, config, out, task.train, users, task.validation, users)
-        summary = trainer.run()
+        summary = trainer.run(resume=resume)
         tuned.eval()
         scores = {"in": metrics(task, test, predict(tuned.bank, fmt, test, ["default"] * len(test)))}
         if ood is not None:
@@ -147,23 +158,60 @@ def run_spec(spec: Spec, out: Path) -> dict:
 
 # --- the parent: run every configuration in its own process, then write tables and plots ----------
 
-def run_all(specs: list[Spec], out: Path, progress_label: str = "compare") -> list[dict]:
+def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh: bool = False) -> list[dict]:
+    """Run each configuration in its own process (or reuse its finished run in `out`); rows in spec order."""
     from tqdm.auto import tqdm
+
+    from . import storage
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     bar = tqdm(specs, desc=progress_label, unit="run", dynamic_ncols=True)
-    for i, spec in enumerate(bar):
-        bar.set_postfix_str(f"{spec.label or LABELS.get(spec.method, spec.method)} on {spec.model}")
-        run_dir = out / "runs" / f"{i:02d}-{slug(spec.model)}-{spec.method}{_suffix(spec.options)}"
-        command = [sys.executable, "-m", "slimtune.compare", "--child", json.dumps(asdict(spec)), "--child-out", str(run_dir)]
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
-            raise RuntimeError(f"{spec.method} on {spec.model} failed (exit {done.returncode}); see the error above")
-        rows.append(json.loads(lines[-1]))
+    for spec in bar:
+        name = f"{spec.label or LABELS.get(spec.method, spec.method)} on {spec.model}"
+        run_dir = out / "runs" / f"{slug(spec.model)}-{spec.method}{_suffix(spec.options)}"
+        row = earlier_run(spec, run_dir, fresh)
+        if row is not None:
+            bar.write(f"{name}: reusing the finished run in {run_dir} (--fresh runs it again)")
+        else:
+            resume = (run_dir / "checkpoint" / "state.pt").is_file()
+            bar.set_postfix_str(name + (" (resumed)" if resume else ""))
+            command = [sys.executable, "-m", "slimtune.compare", "--child", json.dumps(asdict(spec)),
+                       "--child-out", str(run_dir), *(["--child-resume"] if resume else [])]
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            lines = done.stdout.strip().splitlines()
+            if done.returncode != 0 or not lines:
+                raise RuntimeError(f"{name} failed (exit {done.returncode}); see the error above. Running the same "
+                                   "command again resumes it from its last checkpoint")
+            row = json.loads(lines[-1])
+            storage.atomic_write(run_dir / "row.json", (json.dumps(row, indent=2) + "\n").encode())
+        rows.append(row)
         write_table(rows, out)
     return rows
+
+
+def earlier_run(spec: Spec, run_dir: Path, fresh: bool = False) -> dict | None:
+    """The row of this configuration's finished run in `run_dir`, or None when it has to run (again).
+
+    `run_dir` records the settings it was made with; a folder made with other settings is refused
+    rather than mixed into this table. `fresh` discards what is there.
+    """
+    from . import storage
+
+    recorded = run_dir / "spec.json"
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if recorded.is_file():
+        theirs, ours = json.loads(recorded.read_text()), asdict(spec)
+        if theirs != ours:
+            differ = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if theirs.get(k) != ours[k])
+            raise TuningError(f"{run_dir} holds a run made with other settings ({differ}); give another --out, "
+                              "or --fresh to discard it")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        storage.atomic_write(recorded, (json.dumps(asdict(spec), indent=2) + "\n").encode())
+    row = run_dir / "row.json"
+    return json.loads(row.read_text()) if row.is_file() else None
 
 
 def slug(model: str) -> str:
@@ -322,17 +370,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--fresh", action="store_true", help="run every configuration again, discarding earlier runs in --out")
     p.add_argument("--child-out", help=argparse.SUPPRESS)
+    p.add_argument("--child-resume", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(run_spec(Spec(**json.loads(args.child)), Path(args.child_out))))
+        print(json.dumps(run_spec(Spec(**json.loads(args.child)), Path(args.child_out), resume=args.child_resume)))
         return 0
     ood = args.ood_task or {"rotten-tomatoes": "amazon-food", "amazon-food": "rotten-tomatoes",
                             "bbc-headline-ood": None}.get(args.task)
     out = Path(args.out)
     specs = specs_for(args.model, args.task, ood, args.methods, args.budget, args.seed, args.ablation)
     started = time.perf_counter()
-    rows = run_all(specs, out)
+    rows = run_all(specs, out, fresh=args.fresh)
     made = plots(rows, out, args.ablation)
     print()
     print(markdown(rows))

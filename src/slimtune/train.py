@@ -102,6 +102,7 @@ class Trainer:
             self.optimizer, lambda s: min((s + 1) / warm, max(0.0, (self.steps - s) / max(1, self.steps - warm)))
         )
         self.step = 0
+        self.train_time = 0.0  # seconds in training steps, over every resumed part of the run
         self.best: float | None = None
         self.best_step: int | None = None
         self._orders: dict[int, list[int]] = {}
@@ -137,12 +138,11 @@ class Trainer:
             if self.rank == 0:
                 (self.out / "log.jsonl").write_text("")
         progress = self._progress()
-        train_time = 0.0
         last_metric = None
         while self.step < self.steps:
             t0 = time.perf_counter()
             loss = self._train_step(self.step)
-            train_time += time.perf_counter() - t0
+            self.train_time += time.perf_counter() - t0
             self.step += 1
             record = {"step": self.step, "loss": loss, "lr": self.schedule.get_last_lr()[0]}
             if self.step % self.config.eval_every == 0 or self.step == self.steps:
@@ -163,7 +163,7 @@ class Trainer:
         summary = {
             "steps": self.steps, "lr": self.lr, "best_step": self.best_step,
             f"best_validation_{primary_metric(self.fmt)}": self.best,
-            "final_validation": last_metric, "train_seconds": round(train_time, 2),
+            "final_validation": last_metric, "train_seconds": round(self.train_time, 2),
             "wall_seconds": round(time.perf_counter() - started, 2), "peak_memory_bytes": peak_memory(self.device),
             "processes": self.world, "config": asdict(self.config),
         }
@@ -272,7 +272,8 @@ class Trainer:
         tensors = {name: p.detach() for name, p in self.params}
         state = {
             "step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-            "best": self.best, "best_step": self.best_step, "torch_rng": torch.get_rng_state(),
+            "best": self.best, "best_step": self.best_step, "train_seconds": self.train_time,
+            "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
         }
         buffer = io.BytesIO()
@@ -299,6 +300,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.best, self.best_step = state["step"], state["best"], state["best_step"]
+        self.train_time = state["train_seconds"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         if self.rank == 0:  # keep the log up to the checkpoint: the steps after it are run again
