@@ -7,13 +7,16 @@ Initialisations: `"vocab"` (embeddings of tokens sampled among the 5,000 most fr
 multi-token word averaged, remaining positions sampled as in `"vocab"`: the paper's rule),
 `"uniform"` (U[-0.5, 0.5], the paper's worst), and `"text"` (the embeddings of a given text,
 repeated or cut to k tokens; with exactly k tokens the tuned model equals the frozen model run
-on `text + x`).
+on `text + x`). Token-based inits take what the model's embedding module outputs, scale included
+(Gemma multiplies by sqrt(d) inside it), since the prompt goes in as `inputs_embeds`, past that module.
 
 Per row: rows of a batch may carry prompts of different lengths, or none. Their virtual tokens
-are laid out so each row's prompt sits right before its input and the padding is masked:
-decoders pad on the left (`[pad, prompt, x]`, so generation continues on the right), encoders
-on the right (`[prompt, x, pad]`, so the first position stays the first token, as pooling
-heads expect).
+are laid out so each row's prompt sits right before its input's first real token, and the padding is
+masked: decoders pad on the left (`[pad, prompt, x]`, the input's own left padding moved in front of
+the prompt, so generation continues on the right), encoders on the right (`[prompt, x, pad]`, so the
+first position stays the first token, as pooling heads expect). Prompt and input touch in every row:
+sliding-window attention (Gemma, Mistral) measures its window in columns, so a gap of padding between
+them would put the prompt further from the input than it is in the row alone.
 """
 
 from __future__ import annotations
@@ -108,16 +111,17 @@ class PromptComponent(Component):
         k = self.lengths(routing, batch)
         total = int(k.max())
         starts = torch.full_like(k, total) if left else k
+        lead = (mask.long().cumsum(-1) == 0).sum(-1)  # each row's padding before its first real token
         embeds = spread(embeds, starts, total, 0.0)
         mask = spread(mask, starts, total, 0)
         for user, rows in routing.groups(self, batch):
             prompt = self.tuning(user).prompt.to(embeds.dtype)
             n = prompt.shape[0]
             rows = torch.arange(batch, device=embeds.device) if rows is None else rows
-            first = starts[rows][:1] - n  # every row of a user starts at the same offset
-            cols = first + torch.arange(n, device=embeds.device)
-            embeds = embeds.index_put((rows[:, None], cols[None, :]), prompt.expand(len(rows), n, -1))
-            mask = mask.index_put((rows[:, None], cols[None, :]), torch.ones((), dtype=mask.dtype, device=mask.device))
+            # Right before the first real token: over the row's own left padding, if it has any.
+            cols = (starts[rows] + lead[rows] - n)[:, None] + torch.arange(n, device=embeds.device)
+            embeds = embeds.index_put((rows[:, None], cols), prompt.expand(len(rows), n, -1))
+            mask = mask.index_put((rows[:, None], cols), torch.ones((), dtype=mask.dtype, device=mask.device))
         return embeds, mask, starts
 
 
