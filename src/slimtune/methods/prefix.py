@@ -19,6 +19,9 @@ Positions: the prefix occupies positions 0..k-1 and the real tokens follow (thei
 `position_ids` are offset by k, by a forward pre-hook), so a prefix made of the keys and values
 the frozen model computes for a real text (`init="text"`) reproduces the frozen model run on
 `text + x` exactly, on decoders. T5's relative position bias gives the prefix columns no bias.
+On sliding-window layers (Gemma 3, Mistral) the window applies to the prefix too, counted in
+positions: a query at position p sees prefix position j only if p - j < window, as it would see
+that text in the sequence.
 """
 
 from __future__ import annotations
@@ -73,10 +76,19 @@ def _inner_attention(base: str, module: nn.Module):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def _visible_mask(mask, valid, query, key, causal: bool):
-    """The attention mask widened by the prefix columns (visible where `valid`), never None."""
+def _visible_mask(mask, valid, query, key, causal: bool, window: int | None = None, positions=None):
+    """The attention mask widened by the prefix columns (visible where `valid`), never None.
+
+    On a sliding-window layer a query at position p sees prefix position j only if p - j < window, as it
+    would see the text a prefix was computed from (`init="text"`) if that text were in the sequence. The
+    window is measured in positions (`positions`: the queries', [B or 1, Q]), since padding may sit between
+    the prefix columns and the row's first token.
+    """
     batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     cols = valid[:, None, None, :]  # [B, 1, 1, K]
+    if window is not None:
+        j = torch.arange(valid.shape[1], device=valid.device)
+        cols = cols & (positions.to(valid.device)[:, None, :, None] - j < window)  # [B, 1, Q, K]
     if mask is None:
         if causal and q_len > 1:  # aligned bottom-right: query i sees keys up to i + (kv - q)
             i = torch.arange(q_len, device=key.device)[:, None]
@@ -85,12 +97,10 @@ def _visible_mask(mask, valid, query, key, causal: bool):
         else:
             mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=key.device)
     mask = mask.expand(batch, mask.shape[1], mask.shape[2], mask.shape[3])
-    if mask.dtype == torch.bool:
-        cols = cols.expand(batch, mask.shape[1], mask.shape[2], -1)
-    else:
+    cols = cols.expand(batch, mask.shape[1], mask.shape[2], -1)
+    if mask.dtype != torch.bool:
         blocked = torch.finfo(mask.dtype).min
         cols = torch.zeros((), dtype=mask.dtype, device=mask.device).masked_fill(~cols, blocked)
-        cols = cols.expand(batch, mask.shape[1], mask.shape[2], -1)
     return torch.cat([cols, mask], dim=-1)
 
 
@@ -113,11 +123,20 @@ def _prefixed_attention(base: str):
         p_key, p_value, valid = prefix
         is_causal = kwargs.pop("is_causal", None)
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        # Every layer of one forward gets the same mask: widen it once (keyed by the tensors, which live through the forward).
-        widened = ("prefix-mask", id(attention_mask), id(valid), tuple(query.shape), tuple(key.shape), causal)
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+        positions = kwargs.get("position_ids")
+        if window is not None and positions is None:
+            raise TuningError(f"PrefixTuning on the sliding-window layer {type(module).__name__} needs the queries' "
+                              "position_ids in the attention call to apply the window to the prefix; this model "
+                              "does not pass them")
+        # Every layer of one forward gets the same mask (one per window): widen it once (keyed by the tensors,
+        # kept in the entry so that their ids stay theirs).
+        widened = ("prefix-mask", id(attention_mask), id(valid), tuple(query.shape), tuple(key.shape), causal, window,
+                   id(positions) if window is not None else None)
         if widened not in routing.cache:
-            routing.cache[widened] = (attention_mask, _visible_mask(attention_mask, valid, query, key, causal))
-        attention_mask = routing.cache[widened][1]
+            routing.cache[widened] = (attention_mask, positions,
+                                      _visible_mask(attention_mask, valid, query, key, causal, window, positions))
+        attention_mask = routing.cache[widened][2]
         key = torch.cat([p_key.to(key.dtype), key], dim=2)
         value = torch.cat([p_value.to(value.dtype), value], dim=2)
         bias = kwargs.get("position_bias")
