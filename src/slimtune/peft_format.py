@@ -415,12 +415,18 @@ def _prefix_sites(model: nn.Module, what: str) -> tuple[list[str], int, int]:
     _check_decoder(model, what)
     config = modules.text_config(model)
     model_type = getattr(config, "model_type", "")
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if model_type in SPECIAL_PREFIX_CACHES or kinds != {"full_attention"}:
+    kinds = sorted(set(getattr(config, "layer_types", None) or ["full_attention"]))
+    reasons = []
+    if model_type in SPECIAL_PREFIX_CACHES:
+        reasons.append(f"PEFT puts the prefix of {model_type} models into their cache in a way of its own")
+    if kinds != ["full_attention"]:
+        reasons.append(f"its layers are of several kinds ({', '.join(kinds)})")
+    if reasons:
         raise TuningError(
-            f"{what}: {type(model).__name__} has layers of several kinds ({sorted(kinds)}) or a cache PEFT fills in "
-            "its own way, where its cache prefix is not slimtune's attention prefix; supported: decoders whose every "
-            "layer is full attention (GPT-2, Llama, Mistral, Qwen2, ...)"
+            f"{what}: {type(model).__name__} is not supported: {' and '.join(reasons)}, where PEFT's cache prefix is "
+            "not known to be slimtune's attention prefix. PEFT prefix tuning converts on decoders whose every layer "
+            "is full attention (GPT-2, Llama, Mistral, Qwen2, ...); on this model, save prefix tuning with format='slimtune' "
+            "(LoRA and prompt tuning convert on any decoder)"
         )
     component = PrefixComponent(model)
     try:
