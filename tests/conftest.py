@@ -7,6 +7,8 @@ import torch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -32,6 +34,21 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
+def tiny_gemma3():
+    """Gemma 3's own parts at toy size: q/k norms, embeddings scaled by sqrt(hidden), query_pre_attn_scalar
+    (not head_dim) for the attention scale, and a sliding window of 4 on layers 0, 1 and 3 (layer 2 is full
+    attention), shorter than most test sequences, so the window bites. The head is untied from the embedding
+    (the real model ties them): tied at this size, the model greedily repeats one token whatever comes before,
+    and generation tests would compare nothing."""
+    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16,
+                              sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                             "sliding_attention"],
+                              max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                              attention_dropout=0.0, initializer_range=0.2, tie_word_embeddings=False)
+    return Gemma3ForCausalLM(config)
+
+
 def tiny_bert():
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=128, num_labels=3, pad_token_id=0,
@@ -45,8 +62,8 @@ def tiny_t5():
     return T5ForConditionalGeneration(config)
 
 
-BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert, "t5": tiny_t5}
-DECODERS = ["gpt2", "llama"]
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "gemma3": tiny_gemma3, "bert": tiny_bert, "t5": tiny_t5}
+DECODERS = ["gpt2", "llama", "gemma3"]
 
 
 def build(arch: str, seed: int = 0):

@@ -4,7 +4,7 @@ import torch
 
 import slimtune
 
-from conftest import VOCAB
+from conftest import DECODERS, VOCAB
 
 
 def perturb(parameters, seed: int = 0, scale: float = 0.1) -> None:
@@ -16,7 +16,7 @@ def perturb(parameters, seed: int = 0, scale: float = 0.1) -> None:
 
 
 def bitfit_for(arch: str) -> slimtune.BitFit:
-    return slimtune.BitFit(add_missing=arch in ("llama", "t5"))  # Llama and T5 have no biases
+    return slimtune.BitFit(add_missing=arch in ("llama", "gemma3", "t5"))  # Llama, Gemma and T5 have no biases
 
 
 def methods_for(arch: str) -> dict[str, slimtune.Method]:
@@ -43,7 +43,7 @@ def padded_batch(arch: str, lengths: list[int], seed: int = 1):
     width = max(lengths)
     ids = torch.full((len(lengths), width), 1)
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    left = arch in ("gpt2", "llama")
+    left = arch in DECODERS
     for b, n in enumerate(lengths):
         cols = slice(width - n, width) if left else slice(0, n)
         ids[b, cols] = torch.randint(2, VOCAB, (n,), generator=g)

@@ -48,6 +48,22 @@ def test_a_continuously_batched_mix_gives_each_row_what_it_gets_alone(arch):
     engine.close()
 
 
+def test_sliding_window_rows_joined_mid_run_equal_transformers_generate():
+    """Gemma 3's sliding layers (a window of 4 here) beside its full ones: the engine keeps every layer's whole
+    cache, left-padded when rows join; the masks still show each query only its window, as transformers'
+    own generate() does with its sliding-window cache."""
+    engine = engine_for("gemma3", max_batch=3)
+    prompts = [[(5 * j + 3 * k) % 90 + 3 for k in range(6 + 3 * j)] for j in range(5)]  # 6 .. 18 tokens
+    users = ["prefix5", "prompt4", None, "lora", "prefix3"]
+    handles = [engine.stream(u, p, max_new_tokens=8) for u, p in zip(users, prompts, strict=True)]
+    for handle, user, p in zip(handles, users, prompts, strict=True):
+        reference = engine.bank.generate(input_ids=torch.tensor([p]), users=[user], do_sample=False, max_new_tokens=8,
+                                         pad_token_id=1)[0, len(p):].tolist()
+        assert handle.result().token_ids == (reference[: reference.index(1)] if 1 in reference else reference), user
+    assert max(engine.stats.batch_rows) == 3
+    engine.close()
+
+
 def test_sampling_depends_on_the_requests_seed_only():
     engine = engine_for("llama")
     settings = {"max_new_tokens": 10, "temperature": 1.5, "top_p": 0.9}

@@ -5,7 +5,7 @@ import torch
 
 import slimtune
 
-from conftest import BUILDERS, VOCAB, build
+from conftest import BUILDERS, DECODERS, VOCAB, build
 from helpers import bitfit_for, padded_batch
 
 ALL = list(BUILDERS)
@@ -19,8 +19,8 @@ def self_attention_layers(arch, model):
 def kv_width(arch, model):
     """kv_heads * head_dim: the width of one prefix key (or value) vector."""
     c = model.config
-    if arch == "llama":
-        return c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    if arch in ("llama", "gemma3"):
+        return c.num_key_value_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
     if arch == "t5":
         return c.num_heads * c.d_kv
     return c.hidden_size
@@ -44,8 +44,9 @@ def expected_count(arch, method, model):
         r = method.rank
         if arch == "gpt2":
             return n * r * (d + 3 * d)  # fused c_attn: d -> 3d
-        if arch == "llama":
-            return n * (r * (d + d) + r * (d + kv_width(arch, model)))  # q_proj, v_proj
+        if arch in ("llama", "gemma3"):
+            q_width = model.config.num_attention_heads * model.config.head_dim  # Gemma's need not be d
+            return n * (r * (d + q_width) + r * (d + kv_width(arch, model)))  # q_proj, v_proj
         if arch == "bert":
             return n * 2 * r * (d + d)  # query, value
         inner = model.config.num_heads * model.config.d_kv
@@ -108,7 +109,7 @@ def test_zero_initialised_tunings_leave_logits_unchanged(arch, method):
     method = bitfit_for(arch) if method == "bitfit" else method
     ids, mask = padded_batch(arch, [5, 3])
     extra = {"decoder_input_ids": ids[:, :3]} if arch == "t5" else {}
-    if arch in ("gpt2", "llama"):  # slimtune derives positions from the mask, as generate() does
+    if arch in DECODERS:  # slimtune derives positions from the mask, as generate() does
         extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     tuned = slimtune.attach(model, method)
     with torch.no_grad():
@@ -191,7 +192,7 @@ def test_lora_targets_by_suffix_and_by_regex():
     assert len(tuned.bank.parts["lora"].tuning("default").names) == 2
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", DECODERS)
 def test_lora_merge_gives_the_same_logits_at_no_extra_cost(arch):
     model = build(arch)
     tuned = slimtune.attach(model, slimtune.LoRA(rank=4))

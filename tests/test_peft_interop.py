@@ -32,7 +32,10 @@ from helpers import generated, padded_batch, perturb, real_tokens
 K = 3  # virtual tokens
 ATOL = 1e-5
 KINDS = ["lora", "prompt", "prefix"]
-ARCHS = ["gpt2", "llama"]
+ARCHS = ["gpt2", "llama", "gemma3"]
+# PEFT's Gemma 3 prefix lives in a cache of sliding and full layers that slimtune refuses to convert (tested below).
+CASES = [(arch, kind) for arch in ARCHS for kind in KINDS if (arch, kind) != ("gemma3", "prefix")]
+PREFIX_ARCHS = ["gpt2", "llama"]
 
 # PEFT and transformers warn about their own internals (deprecated past_key_values, fan_in_fan_out fixes).
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -87,8 +90,7 @@ def greedy(forward, ids: torch.Tensor, steps: int) -> torch.Tensor:
 
 # --- 1. PEFT folder -> slimtune ----------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "kind"), CASES)
 def test_peft_folder_loads_with_the_same_logits(tmp_path, arch, kind):
     reference, folder = peft_folder(tmp_path, arch, kind)
     tuned = slimtune.load(build(arch), folder)
@@ -104,8 +106,7 @@ def test_peft_folder_loads_with_the_same_logits(tmp_path, arch, kind):
         assert torch.allclose(logits[b][mask[b].bool()], alone[0], atol=ATOL)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "kind"), CASES)
 def test_peft_folder_generates_what_peft_forward_decodes(tmp_path, arch, kind):
     reference, folder = peft_folder(tmp_path, arch, kind)
     tuned = slimtune.load(build(arch), folder)
@@ -122,7 +123,7 @@ def test_peft_folder_generates_what_peft_forward_decodes(tmp_path, arch, kind):
             assert generated(out[b], ids.shape[1]) == generated(theirs[b], ids.shape[1])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", PREFIX_ARCHS)
 def test_peft_prefix_with_projection_loads_as_its_computed_prefix(tmp_path, arch):
     """PEFT saves the MLP's output, not the MLP, so a prefix_projection=True folder reads like any other."""
     reference, folder = peft_folder(tmp_path, arch, "prefix", prefix_projection=True, encoder_hidden_size=16)
@@ -156,8 +157,7 @@ def slim_method(kind: str) -> slimtune.Method:
     return slimtune.PrefixTuning(length=K, reparam="mlp", mlp_hidden=16, init="random")  # exported as its computed prefix
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "kind"), CASES)
 def test_export_loads_in_peft_with_the_same_logits(tmp_path, arch, kind):
     tuned = slimtune.attach(build(arch), slim_method(kind))
     perturb(tuned.tuning_parameters(), scale=0.3)
@@ -259,6 +259,18 @@ def test_export_without_peft_equivalent_is_refused(tmp_path, method, named):
     assert not (tmp_path / "export").exists()
 
 
+def test_peft_prefix_on_gemma3_is_refused_both_ways_with_the_reason(tmp_path):
+    """PEFT fills Gemma 3's cache (sliding-window and full layers) in a way of its own."""
+    _, folder = peft_folder(tmp_path, "gemma3", "prefix")
+    with pytest.raises(TuningError, match=r"(?s)PEFT prefix tuning: Gemma3ForCausalLM.*gemma3_text.*sliding_attention"
+                                          r".*every layer is full attention.*format='slimtune'"):
+        slimtune.load(build("gemma3"), folder)
+    tuned = slimtune.attach(build("gemma3"), slim_method("prefix"))
+    with pytest.raises(TuningError, match="prefix tuning in PEFT's format: Gemma3ForCausalLM"):
+        tuned.save(tmp_path / "export", format="peft")
+    assert not (tmp_path / "export").exists()
+
+
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_export_prompt_or_prefix_of_encoder_decoder_is_refused(tmp_path, kind):
     tuned = slimtune.attach(build("t5"), slim_method(kind))
@@ -276,10 +288,11 @@ def test_peft_folders_and_slimtune_prefix_in_one_bank(tmp_path, arch):
     bank.add("prefix", slimtune.PrefixTuning(length=K, reparam=None, init="random"))
     perturb(bank.user_parameters("prefix"), scale=0.3)
     references = {}
-    for kind in KINDS:
+    for kind in [k for a, k in CASES if a == arch]:
         references[f"peft_{kind}"], folder = peft_folder(tmp_path, arch, kind)
         bank.add(f"peft_{kind}", folder)
     users = ["peft_lora", "prefix", None, "peft_lora", "peft_prompt", "peft_prefix", "prefix"]
+    users = [u if u in bank.users or u is None else "peft_prompt" for u in users]
     ids, mask = padded_batch(arch, [6, 5, 4, 3, 5, 2, 6])
     with torch.no_grad():
         mixed = bank(input_ids=ids, attention_mask=mask, users=users).logits

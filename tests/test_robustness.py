@@ -84,7 +84,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "t5"])
 def test_half_precision_runs_in_the_model_dtype(arch, dtype):
     bank = bank_of(arch, dtype)
     assert all(p.dtype == dtype for u in bank.users for p in bank.user_parameters(u))

@@ -123,7 +123,7 @@ def test_cli_reports_bad_input_clearly(tiny, tmp_path, capsys):
     assert "empty" in capsys.readouterr().err.lower()
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
 def test_the_fused_language_model_loss_equals_the_ordinary_one(arch):
     from slimtune.losses import fusable_head, linear_cross_entropy, loss_sum
 
