@@ -586,6 +586,8 @@ class Engine:
         for b, row in enumerate(new):
             ids[b, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
             mask[b, width - len(row.prompt_ids):] = 1
+        # Whole layers, sliding-window ones too (not trimmed to the window, as DynamicCache(config) would): joining and
+        # trimming keep each row's columns contiguous, so the masks' windows, counted in columns, stay right.
         cache = DynamicCache()
         logits, mask = self.bank.prefill(ids.to(self.device), mask.to(self.device), [r.request.user for r in new], cache)
         self._join(new, cache, mask)
