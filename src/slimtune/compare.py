@@ -322,7 +322,9 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
             ax.set_xticks(list(xs), [r["method"] for r in mine], rotation=30, ha="right", fontsize=8)
             ax.set_ylabel(metric)
             ax.set_title(f"In- and out-of-distribution: {model}")
-            ax.legend(loc="lower right")
+            top = max([r["in_distribution"] for r in mine] + [r.get("out_of_distribution", 0) for r in mine])
+            ax.set_ylim(0, top * 1.25)  # room above the bars for the legend
+            ax.legend(loc="upper left", ncol=2, fontsize=8)
             fig.tight_layout()
             made.append(out / f"in-vs-ood-{slug(model)}.png")
             fig.savefig(made[-1], dpi=120)
