@@ -337,6 +337,9 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
             if points:
                 ax.plot(*zip(*points, strict=True), "o-", label=LABELS[kind])
         ax.set_xscale("log")
+        sizes = {r["model_parameters"]: r["model"] for r in shown}
+        ax.set_xticks(list(sizes), [f"{name}\n{n / 1e6:.0f} M" for n, name in sizes.items()], fontsize=8)
+        ax.minorticks_off()
         ax.set_xlabel("model parameters (log)")
         ax.set_ylabel(metric)
         ax.set_title("Quality against model size")
