@@ -50,6 +50,18 @@ def test_the_trainer_improves_a_tiny_model(tiny, tmp_path):
     assert (tmp_path / "tuning" / "slimtune.json").is_file()
 
 
+def test_without_validation_data_the_final_tuning_is_kept(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer, tuned = make_trainer(tiny, tmp_path, slimtune.LoRA(rank=2), steps=5)
+    trainer.validation, trainer.validation_users = [], []
+    summary = trainer.run()
+    assert summary["best_step"] is None and summary["final_validation"] is None
+    saved = slimtune.load(AutoModelForCausalLM.from_pretrained(tiny["model"]), tmp_path / "tuning")
+    final = list(tuned.bank.user_parameters("default"))
+    assert final and all(torch.equal(a, b) for a, b in zip(final, saved.bank.user_parameters("default"), strict=True))
+
+
 class Interrupted(Exception):
     pass
 

@@ -28,12 +28,9 @@ from .errors import TuningError
 # Budgets: `quick` finishes in minutes on 2 CPU cores, `full` is for published figures, `smoke`
 # only proves the pipeline runs (CI). A training checkpoints every `checkpoint_every` steps (None: at its end).
 BUDGETS = {
-    "smoke": {"steps": 2, "batch_size": 4, "max_length": 48, "eval_examples": 4, "test_examples": 8,
-              "checkpoint_every": None},
-    "quick": {"steps": 40, "batch_size": 8, "max_length": 48, "eval_examples": 32, "test_examples": 200,
-              "checkpoint_every": None},
-    "full": {"steps": 400, "batch_size": 16, "max_length": 128, "eval_examples": 300, "test_examples": None,
-             "checkpoint_every": 50},
+    "smoke": {"steps": 2, "batch_size": 4, "max_length": 48, "test_examples": 8, "checkpoint_every": None},
+    "quick": {"steps": 40, "batch_size": 8, "max_length": 48, "test_examples": 200, "checkpoint_every": None},
+    "full": {"steps": 400, "batch_size": 16, "max_length": 128, "test_examples": None, "checkpoint_every": 50},
 }
 METHODS = ["full", "design", "design-4shot", "prompt", "prefix", "adapter", "lora", "bitfit"]
 LABELS = {"full": "model tuning", "design": "prompt design (0-shot)", "design-4shot": "prompt design (4-shot)",
@@ -126,10 +123,11 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
         tuned = slimtune.attach(model, method, tokenizer=tokenizer)
         fmt = Format.for_model(task, tokenizer, model, max_length=budget["max_length"])
         config = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=COMPARE_LR[lr_key(method)],
-                             eval_every=budget["steps"], eval_examples=budget["eval_examples"], seed=spec.seed,
-                             warmup=0.1, checkpoint_every=budget["checkpoint_every"])
+                             eval_every=budget["steps"], seed=spec.seed, warmup=0.1,
+                             checkpoint_every=budget["checkpoint_every"])
         users = ["default"] * len(task.train)
-        trainer = Trainer(tuned.bank, fmt, config, out, task.train, users, task.validation, users)
+        # No validation passes: the study scores the final tuning on the test sets, never picks a step.
+        trainer = Trainer(tuned.bank, fmt, config, out, task.train, users, [], [])
         summary = trainer.run(resume=resume)
         tuned.eval()
         scores = {"in": metrics(task, test, predict(tuned.bank, fmt, test, ["default"] * len(test)))}

@@ -3,9 +3,9 @@
 It trains the tunings of a `Bank` (a `TunedModel` is a bank of one user): each batch may mix the
 rows of many users, and each user's parameters learn from their own rows only. AdamW with linear
 warm-up and decay, gradient accumulation, evaluation on a fixed validation subset every N steps
-keeping the best tuning, a JSONL log, and checkpoints from which an interrupted run resumes and
-ends exactly where an uninterrupted one would: the data order is a function of (seed, step) and
-the random state is saved with the optimizer.
+keeping the best tuning (without validation data: the final one), a JSONL log, and checkpoints
+from which an interrupted run resumes and ends exactly where an uninterrupted one would: the data
+order is a function of (seed, step) and the random state is saved with the optimizer.
 
 Data-parallel: under `torchrun --nproc_per_node N` each process takes every N-th row of each
 batch and only the tuning's gradients are summed across processes (gloo on CPU, NCCL on GPU), so
@@ -160,6 +160,8 @@ class Trainer:
                 self.on_step(self.step)
         if progress is not None:
             progress.close()
+        if not self.validation and self.rank == 0:  # nothing to choose a best step by: keep the final tuning
+            self.save_tunings(self.out)
         summary = {
             "steps": self.steps, "lr": self.lr, "best_step": self.best_step,
             f"best_validation_{primary_metric(self.fmt)}": self.best,
