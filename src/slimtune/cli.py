@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "command": "slimtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
     if not distributed or torch.distributed.get_rank() == 0:
-        storage.atomic_write(out / "run.json", (json.dumps(record, indent=2) + "\n").encode())
+        storage.atomic_write_json(out / "run.json", record)
     trainer = Trainer(bank, fmt, config, out, task.train, users_of, task.validation, validation_users)
     summary = trainer.run(resume=args.resume)
     if not distributed or torch.distributed.get_rank() == 0:
@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             report = parameter_report(TunedModel(bank, "default"))
             summary["parameters"] = {"trainable": report.trainable, "total": report.total, "share": report.share,
                                      "bytes_stored": report.bytes_stored}
-            storage.atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+            storage.atomic_write_json(out / "summary.json", summary)
         print(json.dumps(summary, indent=2))
     return 0
 
@@ -155,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         predictions = [translation[p] for p in predictions]
     result = {"run": str(run), "task": task.name, "split": args.split, "examples": len(examples),
               **metrics(task, examples, predictions)}
-    storage.atomic_write(run / "eval" / f"{task.name}-{args.split}.json", (json.dumps(result, indent=2) + "\n").encode())
+    storage.atomic_write_json(run / "eval" / f"{task.name}-{args.split}.json", result)
     print(json.dumps(result, indent=2))
     return 0
 

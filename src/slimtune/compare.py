@@ -182,7 +182,7 @@ def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh
                 raise RuntimeError(f"{name} failed (exit {done.returncode}); see the error above. Running the same "
                                    "command again resumes it from its last checkpoint")
             row = json.loads(lines[-1])
-            storage.atomic_write(run_dir / "row.json", (json.dumps(row, indent=2) + "\n").encode())
+            storage.atomic_write_json(run_dir / "row.json", row)
         rows.append(row)
         write_table(rows, out)
     return rows
@@ -207,7 +207,7 @@ def earlier_run(spec: Spec, run_dir: Path, fresh: bool = False) -> dict | None:
                               "or --fresh to discard it")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        storage.atomic_write(recorded, (json.dumps(asdict(spec), indent=2) + "\n").encode())
+        storage.atomic_write_json(recorded, asdict(spec))
     row = run_dir / "row.json"
     return json.loads(row.read_text()) if row.is_file() else None
 
@@ -228,7 +228,7 @@ COLUMNS = ["method", "model", "in_distribution", "out_of_distribution", "trainab
 def write_table(rows: list[dict], out: Path) -> None:
     from . import storage
 
-    storage.atomic_write(out / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
+    storage.atomic_write_json(out / "results.json", rows)
     with open(out / "results.csv.tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "init", "length", "task", "ood_task", "metric", "seed", "budget"],
                                extrasaction="ignore")

@@ -102,7 +102,7 @@ class KeyRing:
 
     def _save(self) -> None:
         record = {"format": FORMAT, "version": VERSION, "keys": self._keys}
-        storage.atomic_write(self.path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        storage.atomic_write_json(self.path, record, sort_keys=True)
 
     def caller(self, key: str) -> Caller | None:
         """Who holds `key`, or None for a key that is not (or no longer) valid."""

@@ -305,7 +305,7 @@ def write(tuned, path: str | os.PathLike) -> Path:
     folder = Path(path)
     weights = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     storage.atomic_write(folder / WEIGHTS, save_tensors(weights, metadata={"format": "pt"}))
-    storage.atomic_write(folder / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    storage.atomic_write_json(folder / CONFIG, config, sort_keys=True)
     return folder
 
 

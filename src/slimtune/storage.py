@@ -38,6 +38,15 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def json_bytes(value, **options) -> bytes:
+    """`value` as indented JSON ending in a newline, the form of every JSON file slimtune writes."""
+    return (json.dumps(value, indent=2, **options) + "\n").encode()
+
+
+def atomic_write_json(path: Path, value, **options) -> None:
+    atomic_write(path, json_bytes(value, **options))
+
+
 def encode(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_tensors({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
 
@@ -46,7 +55,7 @@ def serialise(record: dict, tensors: dict[str, torch.Tensor]) -> tuple[bytes, by
     """The two files of a saved tuning: (record JSON, tensors)."""
     data = encode(tensors)
     record = {"format": FORMAT, "version": VERSION, **record, "sha256": hashlib.sha256(data).hexdigest()}
-    return (json.dumps(record, indent=2) + "\n").encode(), data
+    return json_bytes(record), data
 
 
 def write(path: str | os.PathLike, record: dict, tensors: dict[str, torch.Tensor]) -> Path:

@@ -106,7 +106,7 @@ class Store:
 
     def _write_record(self, fingerprint: dict | None) -> None:
         record = {"format": FORMAT, "version": VERSION, "model": fingerprint}
-        storage.atomic_write(self.path / "store.json", (json.dumps(record, indent=2) + "\n").encode())
+        storage.atomic_write_json(self.path / "store.json", record)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -181,7 +181,7 @@ class Store:
             stored, _ = storage.read(staging)  # what is on disk reads back, checksum and all
             info = {"name": name, "method": stored["method"], "model": stored["model"], "task": task,
                     "bytes": (staging / storage.TENSORS).stat().st_size, "created": time.time()}
-            storage.atomic_write(staging / ENTRY, (json.dumps(info, indent=2) + "\n").encode())
+            storage.atomic_write_json(staging / ENTRY, info)
             with self._locked():
                 self._check_fingerprint(stored["model"], name)
                 link = self.tunings / name

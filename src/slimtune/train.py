@@ -170,7 +170,7 @@ class Trainer:
             "processes": self.world, "config": asdict(self.config),
         }
         if self.rank == 0:
-            storage.atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+            storage.atomic_write_json(self.out / "summary.json", summary)
         return summary
 
     def _train_step(self, step: int) -> float:
