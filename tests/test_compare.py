@@ -63,6 +63,43 @@ def test_the_init_ablation_runs_each_initialisation(tiny, tmp_path):
     assert (out / "ablation-init.png").exists()
 
 
+def test_studies_sharing_a_runs_folder_train_their_common_configurations_once(tiny, tmp_path, monkeypatch):
+    """The ablations' default prompt (20 tokens, label-word init on a decoder) is the main study's prompt
+    tuning: with one --runs folder it is trained once, and each table labels it its own way."""
+    runs = tmp_path / "runs"
+    common = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),
+              "--budget", "smoke", "--runs", str(runs)]
+    assert compare.main([*common, "--methods", "prompt", "--out", str(tmp_path / "main")]) == 0
+    [main] = json.loads((tmp_path / "main" / "results.json").read_text())
+    children, real = [], compare.subprocess.run
+
+    def recorded(command, **kwargs):
+        children.append(compare.Spec(**json.loads(command[command.index("--child") + 1])))
+        return real(command, **kwargs)
+
+    monkeypatch.setattr(compare.subprocess, "run", recorded)
+    assert compare.main([*common, "--ablation", "init", "--out", str(tmp_path / "init")]) == 0
+    assert [c.options for c in children] == [{"init": "uniform"}, {"init": "vocab"}]
+    init = json.loads((tmp_path / "init" / "results.json").read_text())
+    assert [(r["method"], r["init"], r["length"]) for r in init] == [
+        ("prompt tuning, uniform init", "uniform", 20), ("prompt tuning, vocab init", "vocab", 20),
+        ("prompt tuning, labels init", "labels", 20)]
+    assert init[2]["in_distribution_all"] == main["in_distribution_all"]
+    assert init[2]["out_of_distribution_all"] == main["out_of_distribution_all"]
+    assert main["method"] == "prompt tuning"  # the shared run's own row keeps the label of the study that made it
+
+    children.clear()
+    monkeypatch.setitem(compare.ABLATIONS, "length", [1, 5, 20, 40])  # the tiny model has 64 positions
+    assert compare.main([*common, "--ablation", "length", "--out", str(tmp_path / "length")]) == 0
+    assert [c.options for c in children] == [{"length": 1}, {"length": 5}, {"length": 40}]
+    length = json.loads((tmp_path / "length" / "results.json").read_text())
+    assert [r["length"] for r in length] == [1, 5, 20, 40]
+    assert length[2]["in_distribution_all"] == main["in_distribution_all"]
+    # A shared run made with another seed is still refused: only the labels are not part of a configuration.
+    with pytest.raises(slimtune.TuningError, match="seed: 0 there, 1 here"):
+        compare.main([*common, "--methods", "prompt", "--seed", "1", "--out", str(tmp_path / "other")])
+
+
 def test_running_the_same_study_again_reuses_finished_runs_and_refuses_other_settings(tiny, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),

@@ -178,6 +178,15 @@ def test_bad_settings_are_refused_with_the_reason(bad):
         bad()
 
 
+def test_a_prompt_longer_than_the_models_positions_is_refused_before_any_forward():
+    model = build("gpt2")
+    positions = model.config.max_position_embeddings
+    with pytest.raises(slimtune.TuningError, match=f"length={positions}.*{positions} positions"):
+        slimtune.attach(model, slimtune.PromptTuning(length=positions))
+    tuned = slimtune.attach(model, slimtune.PromptTuning(length=positions - 1))
+    assert tuned.bank.parts["prompt"].tuning("default").prompt.shape[0] == positions - 1
+
+
 def test_lora_target_that_matches_nothing_names_the_layers():
     with pytest.raises(slimtune.TuningError, match="'qkv'.*c_attn"):
         slimtune.attach(build("gpt2"), slimtune.LoRA(targets=["qkv"]))

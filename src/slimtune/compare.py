@@ -8,7 +8,8 @@ and `--ablation length` compare prompt-tuning initialisations and prompt lengths
 
 A study can be stopped and run again with the same command: each configuration's finished row is kept in
 its run folder and reused, and an interrupted training resumes from its last checkpoint (`--fresh`
-discards earlier runs instead).
+discards earlier runs instead). Studies given the same `--runs` folder share their common configurations
+(the ablations' default prompt is the main study's prompt tuning).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ METHODS = ["full", "design", "design-4shot", "prompt", "prefix", "adapter", "lor
 LABELS = {"full": "model tuning", "design": "prompt design (0-shot)", "design-4shot": "prompt design (4-shot)",
           "prompt": "prompt tuning", "prefix": "prefix tuning", "adapter": "adapters (Houlsby)", "lora": "LoRA",
           "bitfit": "BitFit"}
+ABLATIONS = {"init": ["uniform", "vocab", "labels"], "length": [1, 5, 20, 100]}  # prompt-tuning settings compared
 # Learning rates for these short budgets (the method defaults are for longer runs).
 COMPARE_LR = {"prompt": 0.3, "prefix": 1e-2, "prefix-mlp": 3e-4, "adapter": 2e-3, "lora": 2e-3, "bitfit": 1e-2,
               "full": 5e-5}
@@ -51,19 +53,34 @@ class Spec:
     method: str  # a key of METHODS, or "prompt" with options
     budget: str
     seed: int
-    options: dict = field(default_factory=dict)  # method settings (ablations: init, length)
+    options: dict = field(default_factory=dict)  # method settings that differ from its defaults (ablations)
     label: str = ""
+    # Settings shown in the row, defaults included (an ablation's `init` and `length`). Like `label`, not
+    # part of what the configuration is: runs that differ only in these two are the same run.
+    shown: dict = field(default_factory=dict)
+
+
+def identity(spec: dict) -> dict:
+    """What makes two configurations the same run: everything but how the row is labelled."""
+    return {k: v for k, v in spec.items() if k not in ("label", "shown")}
+
+
+def prompt_defaults(task_kind: str, family: str) -> dict:
+    """The settings of a plain `prompt` configuration: 20 tokens, initialised from the label words where the
+    model answers through them (a decoder on a classification task), else from sampled vocabulary."""
+    return {"init": "labels" if task_kind == "classification" and family != "encoder" else "vocab", "length": 20}
 
 
 def method_config(spec: Spec, task, model):
     import slimtune
-    from slimtune.modules import head_names
+    from slimtune.models import model_family
 
     kind, o = spec.method, spec.options
     if kind == "prompt":
-        init = o.get("init") or ("labels" if task.kind == "classification" and not head_names(model) else "vocab")
+        settings = {**prompt_defaults(task.kind, model_family(spec.model)), **o}
+        init = settings["init"]
         words = tuple(task.label_words[label] for label in task.labels) if init == "labels" else None
-        return slimtune.PromptTuning(length=o.get("length", 20), init=init, label_words=words)
+        return slimtune.PromptTuning(length=settings["length"], init=init, label_words=words)
     if kind == "prefix":
         return slimtune.PrefixTuning(length=o.get("length", 10))
     if kind == "adapter":
@@ -156,18 +173,25 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
 
 # --- the parent: run every configuration in its own process, then write tables and plots ----------
 
-def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh: bool = False) -> list[dict]:
-    """Run each configuration in its own process (or reuse its finished run in `out`); rows in spec order."""
+def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh: bool = False,
+            runs: Path | None = None) -> list[dict]:
+    """Run each configuration in its own process (or reuse its finished run); rows in spec order.
+
+    Each configuration runs in a folder of its own under `runs` (default `out/runs`). Studies given the
+    same `runs` share the configurations they have in common: each is trained once.
+    """
     from tqdm.auto import tqdm
 
     from . import storage
 
     out.mkdir(parents=True, exist_ok=True)
+    runs = runs or out / "runs"
     rows = []
     bar = tqdm(specs, desc=progress_label, unit="run", dynamic_ncols=True)
     for spec in bar:
-        name = f"{spec.label or LABELS.get(spec.method, spec.method)} on {spec.model}"
-        run_dir = out / "runs" / f"{slug(spec.model)}-{spec.method}{_suffix(spec.options)}"
+        label = spec.label or LABELS.get(spec.method, spec.method)
+        name = f"{label} on {spec.model}"
+        run_dir = runs / f"{slug(spec.model)}-{spec.method}{_suffix(spec.options)}"
         row = earlier_run(spec, run_dir, fresh)
         if row is not None:
             bar.write(f"{name}: reusing the finished run in {run_dir} (--fresh runs it again)")
@@ -183,7 +207,7 @@ def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh
                                    "command again resumes it from its last checkpoint")
             row = json.loads(lines[-1])
             storage.atomic_write_json(run_dir / "row.json", row)
-        rows.append(row)
+        rows.append({**row, "method": label, **spec.shown})
         write_table(rows, out)
     return rows
 
@@ -200,7 +224,7 @@ def earlier_run(spec: Spec, run_dir: Path, fresh: bool = False) -> dict | None:
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     if recorded.is_file():
-        theirs, ours = json.loads(recorded.read_text()), asdict(spec)
+        theirs, ours = identity(json.loads(recorded.read_text())), identity(asdict(spec))
         if theirs != ours:
             differ = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in ours if theirs.get(k) != ours[k])
             raise TuningError(f"{run_dir} holds a run made with other settings ({differ}); give another --out, "
@@ -351,12 +375,24 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
 
 def specs_for(models: list[str], task: str, ood: str | None, methods: list[str], budget: str, seed: int,
               ablation: str | None) -> list[Spec]:
-    if ablation == "init":
-        return [Spec(m, task, ood, "prompt", budget, seed, {"init": i, "length": 20}, f"prompt tuning, {i} init")
-                for m in models for i in ["uniform", "vocab", "labels"]]
-    if ablation == "length":
-        return [Spec(m, task, ood, "prompt", budget, seed, {"length": n}, f"prompt tuning, length {n}")
-                for m in models for n in [1, 5, 20, 100]]
+    if ablation:
+        from .data import load_task
+        from .models import model_family
+
+        kind = load_task(task, seed=seed).kind
+        specs = []
+        for m in models:
+            defaults = prompt_defaults(kind, model_family(m))
+            settings = [{("init" if ablation == "init" else "length"): v} for v in ABLATIONS[ablation]]
+            for setting in settings:
+                shown = {**defaults, **setting}
+                label = (f"prompt tuning, {shown['init']} init" if ablation == "init"
+                         else f"prompt tuning, length {shown['length']}")
+                # Settings equal to the defaults are left out, so the default configuration is the same run
+                # as the plain `prompt` one (and as its counterpart in the other ablation).
+                options = {k: v for k, v in shown.items() if v != defaults[k]}
+                specs.append(Spec(m, task, ood, "prompt", budget, seed, options, label, shown))
+        return specs
     return [Spec(m, task, ood, method, budget, seed) for m in models for method in methods]
 
 
@@ -372,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", choices=["init", "length"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--runs", help="the folder of per-configuration runs (default: OUT/runs); studies that share it "
+                   "train the configurations they have in common once")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--fresh", action="store_true", help="run every configuration again, discarding earlier runs in --out")
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -385,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     specs = specs_for(args.model, args.task, ood, args.methods, args.budget, args.seed, args.ablation)
     started = time.perf_counter()
-    rows = run_all(specs, out, fresh=args.fresh)
+    rows = run_all(specs, out, fresh=args.fresh, runs=Path(args.runs) if args.runs else None)
     made = plots(rows, out, args.ablation)
     print()
     print(markdown(rows))

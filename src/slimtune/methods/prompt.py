@@ -71,6 +71,14 @@ class PromptComponent(Component):
     def width(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
 
+    def add(self, user: str, method: Method, state: dict[str, torch.Tensor] | None, context: InitContext) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and method.length >= limit:
+            raise TuningError(f"PromptTuning(length={method.length}) does not fit {type(self.model).__name__}: it has "
+                              f"{limit} positions (max_position_embeddings) and the prompt must leave room for the input; "
+                              f"use a length below {limit}")
+        super().add(user, method, state, context)
+
     def build(self, method: PromptTuning, context: InitContext) -> nn.Module:
         embed = self.model.get_input_embeddings()
         k = method.length
