@@ -95,9 +95,9 @@ def test_studies_sharing_a_runs_folder_train_their_common_configurations_once(ti
     length = json.loads((tmp_path / "length" / "results.json").read_text())
     assert [r["length"] for r in length] == [1, 5, 20, 40]
     assert length[2]["in_distribution_all"] == main["in_distribution_all"]
-    # A shared run made with another seed is still refused: only the labels are not part of a configuration.
-    with pytest.raises(slimtune.TuningError, match="seed: 0 there, 1 here"):
-        compare.main([*common, "--methods", "prompt", "--seed", "1", "--out", str(tmp_path / "other")])
+    # A shared run made with other settings is still refused: only the labels are not part of a configuration.
+    with pytest.raises(slimtune.TuningError, match="ood_task: .*ood.csv' there, .*data.csv' here"):
+        compare.main([*common, "--ood-task", str(tiny["data"]), "--methods", "prompt", "--out", str(tmp_path / "other")])
 
 
 def test_running_the_same_study_again_reuses_finished_runs_and_refuses_other_settings(tiny, tmp_path, monkeypatch):
@@ -113,9 +113,11 @@ def test_running_the_same_study_again_reuses_finished_runs_and_refuses_other_set
     monkeypatch.setattr(compare.subprocess, "run", no_child)
     assert compare.main(args) == 0
     assert json.loads((out / "results.json").read_text()) == first
-    # Another seed into the same folder would mix two studies in one table: refused, nothing changed.
-    with pytest.raises(slimtune.TuningError, match="other settings.*seed: 0 there, 1 here.*--fresh"):
-        compare.main([*args, "--seed", "1"])
+    # Another out-of-distribution task into the same folder would mix two studies in one table: refused,
+    # nothing changed.
+    other = [*args[:5], str(tiny["data"]), *args[6:]]
+    with pytest.raises(slimtune.TuningError, match="other settings.*ood_task: .*ood.csv' there, .*data.csv' here.*--fresh"):
+        compare.main(other)
     assert json.loads((out / "results.json").read_text()) == first
     monkeypatch.undo()
     assert compare.main([*args, "--seed", "1", "--fresh"]) == 0
@@ -169,6 +171,35 @@ def test_an_interrupted_configuration_resumes_to_the_same_tuning(tiny, tmp_path,
     monkeypatch.setattr(compare.subprocess, "run", lambda c, **k: commands.append(c) or real(c, **k))
     [row] = compare.run_all([smoke], tmp_path / "study")
     assert "--child-resume" in commands[0] and row["in_distribution_all"] == alone["in_distribution_all"]
+
+
+def test_several_seeds_give_each_seed_and_their_mean(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),
+            "--methods", "design", "lora", "--budget", "smoke", "--out", str(out)]
+    assert compare.main(args) == 0  # seed 0 alone
+    children, real = [], compare.subprocess.run
+
+    def recorded(command, **kwargs):
+        children.append(compare.Spec(**json.loads(command[command.index("--child") + 1])))
+        return real(command, **kwargs)
+
+    monkeypatch.setattr(compare.subprocess, "run", recorded)
+    assert compare.main([*args, "--seed", "0", "2"]) == 0
+    assert [(c.method, c.seed) for c in children] == [("design", 2), ("lora", 2)]  # seed 0's runs are reused
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["kind"], r["seed"]) for r in rows] == [("design", 0), ("design", 2), ("lora", 0), ("lora", 2)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["kind"], r["seeds"]) for r in summary] == [("design", [0, 2]), ("lora", [0, 2])]
+    for mean, (a, b) in zip(summary, [rows[:2], rows[2:]], strict=True):
+        for key in ("in_distribution", "out_of_distribution"):
+            assert mean[key] == pytest.approx((a[key] + b[key]) / 2)
+            assert mean[f"{key}_sd"] == pytest.approx(abs(a[key] - b[key]) / 2 ** 0.5)
+    table = (out / "results.md").read_text()
+    lora = summary[1]
+    assert f"| LoRA | {tiny['model']} | {lora['in_distribution']:.3f} ± {lora['in_distribution_sd']:.3f} |" in table
+    assert f"| LoRA, seed 2 | {tiny['model']} |" in table
+    assert (tmp_path / "out" / "runs" / "model-lora-seed2" / "row.json").is_file()
 
 
 @pytest.mark.integration

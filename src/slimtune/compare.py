@@ -191,7 +191,7 @@ def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh
     for spec in bar:
         label = spec.label or LABELS.get(spec.method, spec.method)
         name = f"{label} on {spec.model}"
-        run_dir = runs / f"{slug(spec.model)}-{spec.method}{_suffix(spec.options)}"
+        run_dir = runs / run_name(spec)
         row = earlier_run(spec, run_dir, fresh)
         if row is not None:
             bar.write(f"{name}: reusing the finished run in {run_dir} (--fresh runs it again)")
@@ -245,21 +245,60 @@ def _suffix(options: dict) -> str:
     return "".join(f"-{k}{v}" for k, v in sorted(options.items()))
 
 
+def run_name(spec: Spec) -> str:
+    """The folder name of a configuration's run: model, method, non-default settings, and the seed unless 0."""
+    return f"{slug(spec.model)}-{spec.method}{_suffix(spec.options)}" + (f"-seed{spec.seed}" if spec.seed else "")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per configuration over its seeds: scores as mean and sample standard deviation, the
+    rest from its first seed (train time: the mean; peak memory: the largest)."""
+    from statistics import fmean, stdev
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["method"]), []).append(r)
+    out = []
+    for group in groups.values():
+        first = group[0]
+        if "skipped" in first:
+            out.append(first)
+            continue
+        row = {**first, "seeds": [r["seed"] for r in group], "train_seconds": fmean(r["train_seconds"] for r in group),
+               "peak_memory_bytes": max(r["peak_memory_bytes"] for r in group)}
+        for key in ("in_distribution", "out_of_distribution"):
+            if key in first:
+                values = [r[key] for r in group]
+                row[key], row[f"{key}_sd"] = fmean(values), stdev(values) if len(values) > 1 else 0.0
+        for key in ("seed", "in_distribution_all", "out_of_distribution_all", "wall_seconds"):
+            row.pop(key, None)
+        out.append(row)
+    return out
+
+
 COLUMNS = ["method", "model", "in_distribution", "out_of_distribution", "trainable", "share", "bytes_stored",
            "train_seconds", "peak_memory_bytes"]
 
 
 def write_table(rows: list[dict], out: Path) -> None:
+    """results.json and .csv: one row per configuration and seed; results.md: the table (over several
+    seeds, their mean ± standard deviation first, then each seed); summary.json: that mean table."""
     from . import storage
 
     storage.atomic_write_json(out / "results.json", rows)
+    several = len({r.get("seed") for r in rows}) > 1
+    if several:
+        storage.atomic_write_json(out / "summary.json", summarise(rows))
     with open(out / "results.csv.tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "init", "length", "task", "ood_task", "metric", "seed", "budget"],
                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(out / "results.csv.tmp", out / "results.csv")
-    storage.atomic_write(out / "results.md", markdown(rows).encode())
+    text = markdown(rows)
+    if several:
+        text = f"Mean ± standard deviation over seeds:\n\n{markdown(summarise(rows))}\nEach seed:\n\n{text}"
+    storage.atomic_write(out / "results.md", text.encode())
 
 
 def markdown(rows: list[dict]) -> str:
@@ -273,10 +312,17 @@ def markdown(rows: list[dict]) -> str:
     head += " trainable | share of model | stored per task | train time | peak memory |\n"
     head += "|---|---|---|" + ("---|" if ood else "") + "---|---|---|---|---|\n"
     lines = []
+    several = len({r.get("seed") for r in shown}) > 1
+
+    def score(r: dict, key: str) -> str:
+        text = f"{r.get(key, float('nan')):.3f}"
+        return text + (f" ± {r[key + '_sd']:.3f}" if key + "_sd" in r else "")
+
     for r in shown:
-        cells = [r["method"], r["model"], f"{r['in_distribution']:.3f}"]
+        method = r["method"] + (f", seed {r['seed']}" if several else "")
+        cells = [method, r["model"], score(r, "in_distribution")]
         if ood:
-            cells.append(f"{r.get('out_of_distribution', float('nan')):.3f}")
+            cells.append(score(r, "out_of_distribution"))
         cells += [f"{r['trainable']:,}", f"{100 * r['share']:.3f}%", human_bytes(r["bytes_stored"]),
                   f"{r['train_seconds']:.0f} s", human_bytes(r["peak_memory_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -299,18 +345,26 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if len({r.get("seed") for r in rows}) > 1:
+        rows = summarise(rows)  # means, with their standard deviation as error bars
     shown = [r for r in rows if "skipped" not in r]
     made = []
     metric = shown[0]["metric"] if shown else "score"
+
+    def sd(mine: list[dict], key: str) -> list[float] | None:
+        return [r.get(f"{key}_sd", 0.0) for r in mine] if any(f"{key}_sd" in r for r in mine) else None
+
     if ablation:
         key = "init" if ablation == "init" else "length"
         fig, ax = plt.subplots(figsize=(6, 4))
         for model in sorted({r["model"] for r in shown}):
             mine = [r for r in shown if r["model"] == model]
             xs = [str(r[key]) for r in mine]
-            ax.plot(xs, [r["in_distribution"] for r in mine], "o-", label=f"{model}, in-distribution")
+            ax.errorbar(xs, [r["in_distribution"] for r in mine], yerr=sd(mine, "in_distribution"), fmt="o-",
+                        capsize=3, label=f"{model}, in-distribution")
             if any("out_of_distribution" in r for r in mine):
-                ax.plot(xs, [r.get("out_of_distribution") for r in mine], "s--", label=f"{model}, out-of-distribution")
+                ax.errorbar(xs, [r.get("out_of_distribution") for r in mine], yerr=sd(mine, "out_of_distribution"),
+                            fmt="s--", capsize=3, label=f"{model}, out-of-distribution")
         ax.set_xlabel("prompt initialisation" if key == "init" else "prompt length")
         ax.set_ylabel(metric)
         ax.set_title(f"Prompt tuning: {key} ablation")
@@ -338,9 +392,10 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
         if any("out_of_distribution" in r for r in mine):
             fig, ax = plt.subplots(figsize=(8, 4.5))
             xs = range(len(mine))
-            ax.bar([x - 0.2 for x in xs], [r["in_distribution"] for r in mine], 0.4, label=f"{mine[0]['task']} (in)")
+            ax.bar([x - 0.2 for x in xs], [r["in_distribution"] for r in mine], 0.4, yerr=sd(mine, "in_distribution"),
+                   capsize=3, label=f"{mine[0]['task']} (in)")
             ax.bar([x + 0.2 for x in xs], [r.get("out_of_distribution", 0) for r in mine], 0.4,
-                   label=f"{mine[0]['ood_task']} (out)")
+                   yerr=sd(mine, "out_of_distribution"), capsize=3, label=f"{mine[0]['ood_task']} (out)")
             ax.set_xticks(list(xs), [r["method"] for r in mine], rotation=30, ha="right", fontsize=8)
             ax.set_ylabel(metric)
             ax.set_title(f"In- and out-of-distribution: {model}")
@@ -373,13 +428,14 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
     return made
 
 
-def specs_for(models: list[str], task: str, ood: str | None, methods: list[str], budget: str, seed: int,
+def specs_for(models: list[str], task: str, ood: str | None, methods: list[str], budget: str, seeds: list[int],
               ablation: str | None) -> list[Spec]:
+    """The configurations of a study, each over every seed (seed-minor: a configuration's seeds side by side)."""
     if ablation:
         from .data import load_task
         from .models import model_family
 
-        kind = load_task(task, seed=seed).kind
+        kind = load_task(task, seed=seeds[0]).kind
         specs = []
         for m in models:
             defaults = prompt_defaults(kind, model_family(m))
@@ -391,9 +447,9 @@ def specs_for(models: list[str], task: str, ood: str | None, methods: list[str],
                 # Settings equal to the defaults are left out, so the default configuration is the same run
                 # as the plain `prompt` one (and as its counterpart in the other ablation).
                 options = {k: v for k, v in shown.items() if v != defaults[k]}
-                specs.append(Spec(m, task, ood, "prompt", budget, seed, options, label, shown))
+                specs += [Spec(m, task, ood, "prompt", budget, seed, options, label, shown) for seed in seeds]
         return specs
-    return [Spec(m, task, ood, method, budget, seed) for m in models for method in methods]
+    return [Spec(m, task, ood, method, budget, seed) for m in models for method in methods for seed in seeds]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--budget", choices=list(BUDGETS), default="quick")
     p.add_argument("--ablation", choices=["init", "length"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="one or more seeds (several: each configuration runs once per seed; the table gives the mean "
+                   "± standard deviation, then each seed; a seed also changes the data split)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--runs", help="the folder of per-configuration runs (default: OUT/runs); studies that share it "
                    "train the configurations they have in common once")
@@ -428,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown(rows))
     print(f"{len(rows)} runs in {time.perf_counter() - started:.0f} s; table and plots in {out}/: "
-          f"results.md, results.csv, results.json, {', '.join(p.name for p in made)}")
+          f"results.md, results.csv, results.json, {'summary.json, ' if len(args.seed) > 1 else ''}"
+          f"{', '.join(p.name for p in made)}")
     return 0
 
 
