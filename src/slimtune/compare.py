@@ -15,6 +15,7 @@ discards earlier runs instead). Studies given the same `--runs` folder share the
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -280,24 +281,27 @@ COLUMNS = ["method", "model", "in_distribution", "out_of_distribution", "trainab
            "train_seconds", "peak_memory_bytes"]
 
 
+def several_seeds(rows: list[dict]) -> bool:
+    return len({r.get("seed") for r in rows}) > 1
+
+
 def write_table(rows: list[dict], out: Path) -> None:
     """results.json and .csv: one row per configuration and seed; results.md: the table (over several
     seeds, their mean ± standard deviation first, then each seed); summary.json: that mean table."""
     from . import storage
 
     storage.atomic_write_json(out / "results.json", rows)
-    several = len({r.get("seed") for r in rows}) > 1
-    if several:
-        storage.atomic_write_json(out / "summary.json", summarise(rows))
-    with open(out / "results.csv.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "init", "length", "task", "ood_task", "metric", "seed", "budget"],
-                               extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(out / "results.csv.tmp", out / "results.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[*COLUMNS, "init", "length", "task", "ood_task", "metric", "seed", "budget"],
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.atomic_write(out / "results.csv", table.getvalue().encode())
     text = markdown(rows)
-    if several:
-        text = f"Mean ± standard deviation over seeds:\n\n{markdown(summarise(rows))}\nEach seed:\n\n{text}"
+    if several_seeds(rows):
+        summary = summarise(rows)
+        storage.atomic_write_json(out / "summary.json", summary)
+        text = f"Mean ± standard deviation over seeds:\n\n{markdown(summary)}\nEach seed:\n\n{text}"
     storage.atomic_write(out / "results.md", text.encode())
 
 
@@ -312,7 +316,7 @@ def markdown(rows: list[dict]) -> str:
     head += " trainable | share of model | stored per task | train time | peak memory |\n"
     head += "|---|---|---|" + ("---|" if ood else "") + "---|---|---|---|---|\n"
     lines = []
-    several = len({r.get("seed") for r in shown}) > 1
+    several = several_seeds(shown)
 
     def score(r: dict, key: str) -> str:
         text = f"{r.get(key, float('nan')):.3f}"
@@ -345,7 +349,7 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if len({r.get("seed") for r in rows}) > 1:
+    if several_seeds(rows):
         rows = summarise(rows)  # means, with their standard deviation as error bars
     shown = [r for r in rows if "skipped" not in r]
     made = []
@@ -355,7 +359,7 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
         return [r.get(f"{key}_sd", 0.0) for r in mine] if any(f"{key}_sd" in r for r in mine) else None
 
     if ablation:
-        key = "init" if ablation == "init" else "length"
+        key = ablation  # the prompt setting it varies
         fig, ax = plt.subplots(figsize=(6, 4))
         for model in sorted({r["model"] for r in shown}):
             mine = [r for r in shown if r["model"] == model]
@@ -439,9 +443,8 @@ def specs_for(models: list[str], task: str, ood: str | None, methods: list[str],
         specs = []
         for m in models:
             defaults = prompt_defaults(kind, model_family(m))
-            settings = [{("init" if ablation == "init" else "length"): v} for v in ABLATIONS[ablation]]
-            for setting in settings:
-                shown = {**defaults, **setting}
+            for value in ABLATIONS[ablation]:  # its keys are the prompt settings they vary
+                shown = {**defaults, ablation: value}
                 label = (f"prompt tuning, {shown['init']} init" if ablation == "init"
                          else f"prompt tuning, length {shown['length']}")
                 # Settings equal to the defaults are left out, so the default configuration is the same run
@@ -461,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ood-task", default=None, help="default: amazon-food for rotten-tomatoes, none otherwise")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     p.add_argument("--budget", choices=list(BUDGETS), default="quick")
-    p.add_argument("--ablation", choices=["init", "length"])
+    p.add_argument("--ablation", choices=list(ABLATIONS))
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="one or more seeds (several: each configuration runs once per seed; the table gives the mean "
                    "± standard deviation, then each seed; a seed also changes the data split)")
