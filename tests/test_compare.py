@@ -71,13 +71,13 @@ def test_studies_sharing_a_runs_folder_train_their_common_configurations_once(ti
               "--budget", "smoke", "--runs", str(runs)]
     assert compare.main([*common, "--methods", "prompt", "--out", str(tmp_path / "main")]) == 0
     [main] = json.loads((tmp_path / "main" / "results.json").read_text())
-    children, real = [], compare.subprocess.run
+    children, real = [], compare.run_child
 
-    def recorded(command, **kwargs):
-        children.append(compare.Spec(**json.loads(command[command.index("--child") + 1])))
-        return real(command, **kwargs)
+    def recorded(spec, run_dir, resume):
+        children.append(spec)
+        return real(spec, run_dir, resume)
 
-    monkeypatch.setattr(compare.subprocess, "run", recorded)
+    monkeypatch.setattr(compare, "run_child", recorded)
     assert compare.main([*common, "--ablation", "init", "--out", str(tmp_path / "init")]) == 0
     assert [c.options for c in children] == [{"init": "uniform"}, {"init": "vocab"}]
     init = json.loads((tmp_path / "init" / "results.json").read_text())
@@ -110,7 +110,7 @@ def test_running_the_same_study_again_reuses_finished_runs_and_refuses_other_set
     def no_child(*a, **k):
         raise AssertionError("a finished configuration was run again")
 
-    monkeypatch.setattr(compare.subprocess, "run", no_child)
+    monkeypatch.setattr(compare, "run_child", no_child)
     assert compare.main(args) == 0
     assert json.loads((out / "results.json").read_text()) == first
     # Another out-of-distribution task into the same folder would mix two studies in one table: refused,
@@ -167,10 +167,10 @@ def test_an_interrupted_configuration_resumes_to_the_same_tuning(tiny, tmp_path,
     folder = tmp_path / "study" / "runs" / f"model-lora{compare._suffix(spec.options)}"
     compare.earlier_run(smoke, folder)
     alone = compare.run_spec(smoke, folder)
-    commands, real = [], compare.subprocess.run
-    monkeypatch.setattr(compare.subprocess, "run", lambda c, **k: commands.append(c) or real(c, **k))
+    resumed, real = [], compare.run_child
+    monkeypatch.setattr(compare, "run_child", lambda spec, run_dir, resume: resumed.append(resume) or real(spec, run_dir, resume))
     [row] = compare.run_all([smoke], tmp_path / "study")
-    assert "--child-resume" in commands[0] and row["in_distribution_all"] == alone["in_distribution_all"]
+    assert resumed == [True] and row["in_distribution_all"] == alone["in_distribution_all"]
 
 
 def test_several_seeds_give_each_seed_and_their_mean(tiny, tmp_path, monkeypatch):
@@ -178,13 +178,13 @@ def test_several_seeds_give_each_seed_and_their_mean(tiny, tmp_path, monkeypatch
     args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),
             "--methods", "design", "lora", "--budget", "smoke", "--out", str(out)]
     assert compare.main(args) == 0  # seed 0 alone
-    children, real = [], compare.subprocess.run
+    children, real = [], compare.run_child
 
-    def recorded(command, **kwargs):
-        children.append(compare.Spec(**json.loads(command[command.index("--child") + 1])))
-        return real(command, **kwargs)
+    def recorded(spec, run_dir, resume):
+        children.append(spec)
+        return real(spec, run_dir, resume)
 
-    monkeypatch.setattr(compare.subprocess, "run", recorded)
+    monkeypatch.setattr(compare, "run_child", recorded)
     assert compare.main([*args, "--seed", "0", "2"]) == 0
     assert [(c.method, c.seed) for c in children] == [("design", 2), ("lora", 2)]  # seed 0's runs are reused
     rows = json.loads((out / "results.json").read_text())
@@ -200,6 +200,18 @@ def test_several_seeds_give_each_seed_and_their_mean(tiny, tmp_path, monkeypatch
     assert f"| LoRA | {tiny['model']} | {lora['in_distribution']:.3f} ± {lora['in_distribution_sd']:.3f} |" in table
     assert f"| LoRA, seed 2 | {tiny['model']} |" in table
     assert (tmp_path / "out" / "runs" / "model-lora-seed2" / "row.json").is_file()
+
+
+def test_a_failing_configuration_stops_the_study_with_its_error_and_keeps_the_finished_rows(tiny, tmp_path, capfd):
+    good = compare.Spec(str(tiny["model"]), str(tiny["data"]), str(tiny["ood"]), "design", "smoke", 0)
+    bad = dataclasses.replace(good, model=str(tmp_path / "no-such-model"), method="lora")
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="LoRA on .*no-such-model failed; see the error above.*resumes"):
+        compare.run_all([good, bad], out)
+    assert "no-such-model" in capfd.readouterr().err  # the configuration's own error, from its process
+    assert (out / "runs" / compare.run_name(good) / "row.json").is_file()
+    assert not (out / "runs" / compare.run_name(bad) / "row.json").exists()
+    assert [r["kind"] for r in json.loads((out / "results.json").read_text())] == ["design"]
 
 
 @pytest.mark.integration

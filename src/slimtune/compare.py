@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -174,6 +173,58 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
 
 # --- the parent: run every configuration in its own process, then write tables and plots ----------
 
+# What a configuration's process needs, imported once by the server its processes are forked from.
+CHILD_MODULES = ["torch", "transformers", "slimtune", "slimtune.cli", "slimtune.data", "slimtune.design",
+                 "slimtune.formats", "slimtune.train", "slimtune.compare"]
+
+
+def run_child(spec: Spec, run_dir: Path, resume: bool) -> dict | None:
+    """Run one configuration in a process of its own, so that its peak memory is its own; its row, or
+    None when it failed (its error is on stderr).
+
+    The process is forked from a server that has imported torch and transformers once, instead of
+    starting a fresh interpreter that spends seconds importing them for every configuration. The
+    server starts with progress bars off: the study's own bar is the display.
+    """
+    import multiprocessing
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        from multiprocessing import forkserver
+
+        context.set_forkserver_preload(CHILD_MODULES)
+        before = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        try:
+            forkserver.ensure_running()
+        finally:
+            if before is None:
+                del os.environ["TQDM_DISABLE"]
+            else:
+                os.environ["TQDM_DISABLE"] = before
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(asdict(spec), str(run_dir), resume, send))
+    process.start()
+    send.close()
+    try:
+        row = receive.recv()
+    except EOFError:  # it ended without a row
+        row = None
+    finally:
+        receive.close()
+        process.join()
+    return row if process.exitcode == 0 else None
+
+
+def _child(spec: dict, run_dir: str, resume: bool, send) -> None:
+    """A configuration's process: its row goes back to the study; what the libraries print is dropped."""
+    os.environ["TQDM_DISABLE"] = "1"  # for libraries not imported yet (all of them where processes are spawned)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this process)
+    send.send(run_spec(Spec(**spec), Path(run_dir), resume=resume))
+    send.close()
+
+
 def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh: bool = False,
             runs: Path | None = None) -> list[dict]:
     """Run each configuration in its own process (or reuse its finished run); rows in spec order.
@@ -199,14 +250,10 @@ def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh
         else:
             resume = (run_dir / "checkpoint" / "state.pt").is_file()
             bar.set_postfix_str(name + (" (resumed)" if resume else ""))
-            command = [sys.executable, "-m", "slimtune.compare", "--child", json.dumps(asdict(spec)),
-                       "--child-out", str(run_dir), *(["--child-resume"] if resume else [])]
-            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            lines = done.stdout.strip().splitlines()
-            if done.returncode != 0 or not lines:
-                raise RuntimeError(f"{name} failed (exit {done.returncode}); see the error above. Running the same "
-                                   "command again resumes it from its last checkpoint")
-            row = json.loads(lines[-1])
+            row = run_child(spec, run_dir, resume)
+            if row is None:
+                raise RuntimeError(f"{name} failed; see the error above. Running the same command again resumes it "
+                                   "from its last checkpoint")
             storage.atomic_write_json(run_dir / "row.json", row)
         rows.append({**row, "method": label, **spec.shown})
         write_table(rows, out)
@@ -471,14 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--runs", help="the folder of per-configuration runs (default: OUT/runs); studies that share it "
                    "train the configurations they have in common once")
-    p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--fresh", action="store_true", help="run every configuration again, discarding earlier runs in --out")
-    p.add_argument("--child-out", help=argparse.SUPPRESS)
-    p.add_argument("--child-resume", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(run_spec(Spec(**json.loads(args.child)), Path(args.child_out), resume=args.child_resume)))
-        return 0
     ood = args.ood_task or {"rotten-tomatoes": "amazon-food", "amazon-food": "rotten-tomatoes",
                             "bbc-headline-ood": None}.get(args.task)
     out = Path(args.out)
