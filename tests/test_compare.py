@@ -14,6 +14,19 @@ from slimtune.data import load_task
 from slimtune.design import PromptDesign
 
 
+@pytest.fixture
+def started(monkeypatch):
+    """The (configuration, resume) of each configuration process the study starts, in order."""
+    calls, real = [], compare.run_child
+
+    def recorded(spec, run_dir, resume):
+        calls.append((spec, resume))
+        return real(spec, run_dir, resume)
+
+    monkeypatch.setattr(compare, "run_child", recorded)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-compare")
@@ -63,7 +76,7 @@ def test_the_init_ablation_runs_each_initialisation(tiny, tmp_path):
     assert (out / "ablation-init.png").exists()
 
 
-def test_studies_sharing_a_runs_folder_train_their_common_configurations_once(tiny, tmp_path, monkeypatch):
+def test_studies_sharing_a_runs_folder_train_their_common_configurations_once(tiny, tmp_path, monkeypatch, started):
     """The ablations' default prompt (20 tokens, label-word init on a decoder) is the main study's prompt
     tuning: with one --runs folder it is trained once, and each table labels it its own way."""
     runs = tmp_path / "runs"
@@ -71,15 +84,9 @@ def test_studies_sharing_a_runs_folder_train_their_common_configurations_once(ti
               "--budget", "smoke", "--runs", str(runs)]
     assert compare.main([*common, "--methods", "prompt", "--out", str(tmp_path / "main")]) == 0
     [main] = json.loads((tmp_path / "main" / "results.json").read_text())
-    children, real = [], compare.run_child
-
-    def recorded(spec, run_dir, resume):
-        children.append(spec)
-        return real(spec, run_dir, resume)
-
-    monkeypatch.setattr(compare, "run_child", recorded)
+    started.clear()  # the first study's configurations
     assert compare.main([*common, "--ablation", "init", "--out", str(tmp_path / "init")]) == 0
-    assert [c.options for c in children] == [{"init": "uniform"}, {"init": "vocab"}]
+    assert [c.options for c, _ in started] == [{"init": "uniform"}, {"init": "vocab"}]
     init = json.loads((tmp_path / "init" / "results.json").read_text())
     assert [(r["method"], r["init"], r["length"]) for r in init] == [
         ("prompt tuning, uniform init", "uniform", 20), ("prompt tuning, vocab init", "vocab", 20),
@@ -88,10 +95,10 @@ def test_studies_sharing_a_runs_folder_train_their_common_configurations_once(ti
     assert init[2]["out_of_distribution_all"] == main["out_of_distribution_all"]
     assert main["method"] == "prompt tuning"  # the shared run's own row keeps the label of the study that made it
 
-    children.clear()
+    started.clear()
     monkeypatch.setitem(compare.ABLATIONS, "length", [1, 5, 20, 40])  # the tiny model has 64 positions
     assert compare.main([*common, "--ablation", "length", "--out", str(tmp_path / "length")]) == 0
-    assert [c.options for c in children] == [{"length": 1}, {"length": 5}, {"length": 40}]
+    assert [c.options for c, _ in started] == [{"length": 1}, {"length": 5}, {"length": 40}]
     length = json.loads((tmp_path / "length" / "results.json").read_text())
     assert [r["length"] for r in length] == [1, 5, 20, 40]
     assert length[2]["in_distribution_all"] == main["in_distribution_all"]
@@ -124,7 +131,7 @@ def test_running_the_same_study_again_reuses_finished_runs_and_refuses_other_set
     assert [r["seed"] for r in json.loads((out / "results.json").read_text())] == [1, 1]
 
 
-def test_an_interrupted_configuration_resumes_to_the_same_tuning(tiny, tmp_path, monkeypatch):
+def test_an_interrupted_configuration_resumes_to_the_same_tuning(tiny, tmp_path, monkeypatch, started):
     """A training stopped after its first checkpoint and run again ends with exactly the parameters,
     training-step count and scores of one that ran straight through."""
     from safetensors.torch import load_file
@@ -167,26 +174,18 @@ def test_an_interrupted_configuration_resumes_to_the_same_tuning(tiny, tmp_path,
     folder = tmp_path / "study" / "runs" / f"model-lora{compare._suffix(spec.options)}"
     compare.earlier_run(smoke, folder)
     alone = compare.run_spec(smoke, folder)
-    resumed, real = [], compare.run_child
-    monkeypatch.setattr(compare, "run_child", lambda spec, run_dir, resume: resumed.append(resume) or real(spec, run_dir, resume))
     [row] = compare.run_all([smoke], tmp_path / "study")
-    assert resumed == [True] and row["in_distribution_all"] == alone["in_distribution_all"]
+    assert [resume for _, resume in started] == [True] and row["in_distribution_all"] == alone["in_distribution_all"]
 
 
-def test_several_seeds_give_each_seed_and_their_mean(tiny, tmp_path, monkeypatch):
+def test_several_seeds_give_each_seed_and_their_mean(tiny, tmp_path, started):
     out = tmp_path / "out"
     args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),
             "--methods", "design", "lora", "--budget", "smoke", "--out", str(out)]
     assert compare.main(args) == 0  # seed 0 alone
-    children, real = [], compare.run_child
-
-    def recorded(spec, run_dir, resume):
-        children.append(spec)
-        return real(spec, run_dir, resume)
-
-    monkeypatch.setattr(compare, "run_child", recorded)
+    started.clear()  # the first study's configurations
     assert compare.main([*args, "--seed", "0", "2"]) == 0
-    assert [(c.method, c.seed) for c in children] == [("design", 2), ("lora", 2)]  # seed 0's runs are reused
+    assert [(c.method, c.seed) for c, _ in started] == [("design", 2), ("lora", 2)]  # seed 0's runs are reused
     rows = json.loads((out / "results.json").read_text())
     assert [(r["kind"], r["seed"]) for r in rows] == [("design", 0), ("design", 2), ("lora", 0), ("lora", 2)]
     summary = json.loads((out / "summary.json").read_text())
