@@ -141,6 +141,12 @@ def test_an_interrupted_configuration_resumes_to_the_same_tuning(tiny, tmp_path,
     monkeypatch.setitem(compare.BUDGETS, "test", {**compare.BUDGETS["smoke"], "steps": 6, "checkpoint_every": 2})
     spec = compare.Spec(str(tiny["model"]), str(tiny["data"]), str(tiny["ood"]), "lora", "test", 0)
     straight = compare.run_spec(spec, tmp_path / "straight")
+    # Each side's answers are kept beside its score, and score to it again.
+    for side in ("in", "ood"):
+        answers = [json.loads(line) for line in (tmp_path / "straight" / f"predictions-{side}.jsonl").open()]
+        assert answers and all(a["text"] and a["reference"] for a in answers)
+        hits = sum(a["prediction"] == a["reference"] for a in answers) / len(answers)
+        assert hits == pytest.approx(straight[f"{'in_distribution' if side == 'in' else 'out_of_distribution'}_all"]["accuracy"])
 
     step = Trainer._train_step
 

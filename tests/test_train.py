@@ -122,6 +122,9 @@ def test_one_tuning_per_user_in_one_run(tiny, tmp_path):
     assert store.entry("alice").task["labels"] and store.entry("alice").kind == "lora"
     assert cli.main(["eval", "--run", str(tmp_path), "--split", "test"]) == 0
     result = json.loads((tmp_path / "eval" / "users-test.json").read_text())
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "users-test.predictions.jsonl").open()]
+    assert len(answers) == result["examples"] and {a["group"] for a in answers} == {"alice", "bob"}
+    assert sum(a["prediction"] == a["reference"] for a in answers) / len(answers) == pytest.approx(result["accuracy"])
     # alice and bob have opposite labels for the same texts: only per-user tunings can beat chance.
     assert result["accuracy"] > 0.75
 

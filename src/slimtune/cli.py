@@ -15,7 +15,7 @@ from . import storage
 from .bank import Bank, TunedModel
 from .data import DataError, Task, load_task
 from .errors import TuningError
-from .formats import Format, label_translation, metrics, predict
+from .formats import Format, label_translation, metrics, predict, write_predictions
 from .report import parameter_report
 from .store import Store
 from .train import DEFAULT_LR, TrainConfig, Trainer
@@ -155,6 +155,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         predictions = [translation[p] for p in predictions]
     result = {"run": str(run), "task": task.name, "split": args.split, "examples": len(examples),
               **metrics(task, examples, predictions)}
+    answers = run / "eval" / f"{task.name}-{args.split}.predictions.jsonl"
+    write_predictions(answers, examples, predictions)
+    result["predictions"] = str(answers)
     storage.atomic_write_json(run / "eval" / f"{task.name}-{args.split}.json", result)
     print(json.dumps(result, indent=2))
     return 0

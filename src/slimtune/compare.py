@@ -102,7 +102,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
     from slimtune.cli import open_model
     from slimtune.data import load_task
     from slimtune.design import PromptDesign
-    from slimtune.formats import Format, label_translation, metrics, predict
+    from slimtune.formats import Format, label_translation, metrics, predict, write_predictions
     from slimtune.train import TrainConfig, Trainer, lr_key, peak_memory
 
     budget = BUDGETS[spec.budget]
@@ -121,6 +121,11 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
         test = task.validation[: budget["test_examples"]]
         seen, unseen = task.shifted_test
         row.update(task=f"{task.name} ({seen})", ood_task=f"{task.name} ({unseen})")
+
+    def scored(t, examples, predictions, side):  # the answers are kept beside the scores: predictions-in/-ood.jsonl
+        write_predictions(out / f"predictions-{side}.jsonl", examples, predictions)
+        return metrics(t, examples, predictions)
+
     started = time.perf_counter()
     if spec.method.startswith("design"):
         if type(model).__name__.endswith("ForSequenceClassification"):
@@ -131,7 +136,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
             if t is None:
                 continue
             bank, user, fmt = design.prepare(model, tokenizer, t, max_length=budget["max_length"])
-            scores[name] = metrics(t, examples, predict(bank, fmt, examples, [user] * len(examples)))
+            scores[name] = scored(t, examples, predict(bank, fmt, examples, [user] * len(examples)), name)
             bank.detach()
         head, cue = design.parts(task, tokenizer)
         row.update(trainable=0, share=0.0, bytes_stored=len((head + cue).encode()), train_seconds=0.0, steps=0)
@@ -147,7 +152,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
         trainer = Trainer(tuned.bank, fmt, config, out, task.train, users, [], [])
         summary = trainer.run(resume=resume)
         tuned.eval()
-        scores = {"in": metrics(task, test, predict(tuned.bank, fmt, test, ["default"] * len(test)))}
+        scores = {"in": scored(task, test, predict(tuned.bank, fmt, test, ["default"] * len(test)), "in")}
         if ood is not None:
             ood_fmt = Format.for_model(ood, tokenizer, model, max_length=budget["max_length"])
             if fmt.style == "head":  # the head answers in the training task's labels
@@ -155,7 +160,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
                 predictions = [translation[p] for p in predict(tuned.bank, fmt, ood_test, ["default"] * len(ood_test))]
             else:
                 predictions = predict(tuned.bank, ood_fmt, ood_test, ["default"] * len(ood_test))
-            scores["ood"] = metrics(ood, ood_test, predictions)
+            scores["ood"] = scored(ood, ood_test, predictions, "ood")
         report = slimtune.parameter_report(tuned)
         row.update(trainable=report.trainable, share=report.trainable / n_params, bytes_stored=report.bytes_stored,
                    train_seconds=summary["train_seconds"], steps=summary["steps"], lr=summary["lr"])

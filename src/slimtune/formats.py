@@ -19,13 +19,16 @@ and across data-parallel processes, whatever the padding.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .data import Example, Task
 from .errors import TuningError
 from .modules import accepts
+from .storage import atomic_write
 
 # Templates: {text} and {text_pair} are the example's fields; the cue ends the prompt.
 TEMPLATES = {
@@ -216,6 +219,18 @@ def _rank_labels(run, fmt: Format, chunk: list[Example], who, device) -> list[st
         token = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
         scores.append(token.sum(-1))
     return [fmt.task.labels[i] for i in torch.stack(scores, -1).argmax(-1).tolist()]
+
+
+def write_predictions(path: Path, examples: list[Example], predictions: list[str]) -> None:
+    """One JSON line per example (its input, the reference answer and the prediction), written atomically,
+    so that a score can be read back to the answers behind it."""
+    lines = []
+    for e, p in zip(examples, predictions, strict=True):
+        record = {"text": e.text, **({"text_pair": e.text_pair} if e.text_pair is not None else {}),
+                  **({"group": e.group} if e.group is not None else {}),
+                  "reference": e.label if e.label is not None else e.target, "prediction": p}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic_write(Path(path), "".join(lines).encode())
 
 
 def metrics(task: Task, examples: list[Example], predictions: list[str]) -> dict[str, float]:
