@@ -46,7 +46,7 @@ def test_prompt_design_slots_the_input_after_instructions_and_demonstrations(tin
         task, tokenizer()).prompt(task.test[0])
 
 
-def test_compare_writes_the_table_and_plots(tiny, tmp_path):
+def test_compare_writes_the_table_and_plots(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),
             "--methods", "design", "prompt", "lora", "full", "--budget", "smoke", "--out", str(out)]
@@ -64,6 +64,17 @@ def test_compare_writes_the_table_and_plots(tiny, tmp_path):
         assert len(list(csv.DictReader(f))) == 4
     assert "| LoRA |" in (out / "results.md").read_text()
     assert (out / "in-vs-ood-model.png").exists() and (out / "score-vs-share-model.png").exists()
+    # A trained configuration's folder is a run `slimtune eval` reads: it scores its tuning as the study did.
+    from slimtune import cli
+
+    run = out / "runs" / "model-lora"
+    for task, key in ((tiny["data"], "in_distribution"), (tiny["ood"], "out_of_distribution")):
+        assert cli.main(["eval", "--run", str(run), "--task", str(task), "--examples", "8"]) == 0
+        result = json.loads((run / "eval" / f"{load_task(task).name}-test.json").read_text())
+        assert result["examples"] == 8 and result["accuracy"] == by_kind["lora"][key]
+        assert result["accuracy_se"] == by_kind["lora"][f"{key}_all"]["accuracy_se"]
+    assert cli.main(["eval", "--run", str(out / "runs" / "model-design")]) == 2
+    assert "prompt design trains nothing" in capsys.readouterr().err
 
 
 def test_the_init_ablation_runs_each_initialisation(tiny, tmp_path):

@@ -262,3 +262,18 @@ def test_snli_keeps_premise_and_hypothesis_apart_and_drops_unlabelled_pairs():
     assert task.labels == ["entailment", "neutral", "contradiction"]
     first = task.test[0]
     assert first.text.startswith("This church choir sings") and first.text_pair and first.label in task.labels
+
+
+def test_scores_carry_their_standard_error_over_the_examples():
+    from slimtune.data import Example, Task
+    from slimtune.formats import metrics
+
+    cls = Task("c", "classification", [], [], [Example(t, lab) for t, lab in
+                                                [("a", "yes"), ("b", "no"), ("c", "yes"), ("d", "no")]], labels=["no", "yes"])
+    result = metrics(cls, cls.test, ["yes", "no", "yes", "yes"])
+    # 3 of 4 right: the sample standard deviation of the 0/1 hits over sqrt(4) is sqrt(0.75 * 0.25 / 3).
+    assert result["accuracy"] == 0.75 and result["accuracy_se"] == pytest.approx((0.75 * 0.25 / 3) ** 0.5)
+    gen = Task("g", "generation", [], [], [Example("x", target="the cat sat"), Example("y", target="a dog ran")])
+    result = metrics(gen, gen.test, ["the cat sat", "no match here"])
+    # ROUGE-L F1 of 1 and 0: mean 0.5, sample SD sqrt(0.5), standard error 0.5.
+    assert result["rougeL"] == 0.5 and result["rougeL_se"] == pytest.approx(0.5)

@@ -121,12 +121,27 @@ def _local_device() -> torch.device:
     return torch.device("cpu")
 
 
+def run_record(run: Path) -> dict:
+    """How a run was made: the run.json of a `slimtune train` run, or one read from the spec.json of a
+    trained configuration of `slimtune compare` (its model, task, seed and its budget's sequence length)."""
+    if (run / "run.json").is_file():
+        return json.loads((run / "run.json").read_text())
+    if (run / "spec.json").is_file():
+        from .compare import BUDGETS
+
+        spec = json.loads((run / "spec.json").read_text())
+        if not (run / "tuning").is_dir():
+            raise TuningError(f"'{run}' is a {spec['method']} configuration of slimtune compare without a trained "
+                              "tuning: prompt design trains nothing, and an unfinished training has no tuning/ yet")
+        return {"model": spec["model"], "task": spec["task"], "seed": spec["seed"],
+                "max_length": BUDGETS[spec["budget"]]["max_length"]}
+    raise TuningError(f"'{run}' is not a training run: it has no run.json (made by slimtune train --out) "
+                      "and no spec.json (a configuration of slimtune compare, in <out>/runs/)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     run = Path(args.run)
-    record_file = run / "run.json"
-    if not record_file.is_file():
-        raise TuningError(f"'{run}' is not a training run: it has no run.json (made by slimtune train --out)")
-    record = json.loads(record_file.read_text())
+    record = run_record(run)
     task = load_task(args.task or record["task"], seed=record["seed"],
                      **({"group_column": record["user_column"]} if record.get("user_column") else {}))
     trained_on = load_task(record["task"], seed=record["seed"]) if (args.task and args.task != record["task"]) else task
@@ -146,7 +161,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The run's own template on its own task; another task is read through that task's template.
     same_task = task.name == trained_on.name
     fmt = Format.for_model(task, tokenizer, model, max_length=record["max_length"],
-                           **({"template": record["template"]} if same_task else {}))
+                           **({"template": record["template"]} if same_task and "template" in record else {}))
     if fmt.style == "head" and not same_task:  # the head answers in the labels it was trained on
         translation = label_translation(trained_on, task)
         fmt = Format(trained_on, tokenizer, "head", max_length=record["max_length"])

@@ -166,11 +166,9 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
                    train_seconds=summary["train_seconds"], steps=summary["steps"], lr=summary["lr"])
     key = "accuracy" if task.kind == "classification" else "rougeL"
     row["metric"] = key
-    row["in_distribution"] = scores["in"][key]
-    row["in_distribution_all"] = scores["in"]
-    if "ood" in scores:
-        row["out_of_distribution"] = scores["ood"][key]
-        row["out_of_distribution_all"] = scores["ood"]
+    for side, name in (("in", "in_distribution"), ("ood", "out_of_distribution")):
+        if side in scores:  # the score, its standard error over the test examples, and every metric
+            row[name], row[f"{name}_se"], row[f"{name}_all"] = scores[side][key], scores[side][f"{key}_se"], scores[side]
     row["wall_seconds"] = round(time.perf_counter() - started, 1)
     row["peak_memory_bytes"] = peak_memory(next(model.parameters()).device)
     return row
@@ -323,14 +321,15 @@ def summarise(rows: list[dict]) -> list[dict]:
             if key in first:
                 values = [r[key] for r in group]
                 row[key], row[f"{key}_sd"] = fmean(values), stdev(values) if len(values) > 1 else 0.0
-        for key in ("seed", "in_distribution_all", "out_of_distribution_all", "wall_seconds"):
+        for key in ("seed", "in_distribution_all", "out_of_distribution_all", "in_distribution_se",
+                    "out_of_distribution_se", "wall_seconds"):
             row.pop(key, None)
         out.append(row)
     return out
 
 
 COLUMNS = ["method", "model", "in_distribution", "out_of_distribution", "trainable", "share", "bytes_stored",
-           "train_seconds", "peak_memory_bytes"]
+           "train_seconds", "peak_memory_bytes", "in_distribution_se", "out_of_distribution_se"]
 
 
 def several_seeds(rows: list[dict]) -> bool:

@@ -233,23 +233,41 @@ def write_predictions(path: Path, examples: list[Example], predictions: list[str
     atomic_write(Path(path), "".join(lines).encode())
 
 
-def metrics(task: Task, examples: list[Example], predictions: list[str]) -> dict[str, float]:
-    """Accuracy and macro-F1 (classification), ROUGE-L and BLEU (generation)."""
+def example_scores(task: Task, examples: list[Example], predictions: list[str]) -> list[float]:
+    """Each example's score: 1 or 0 for a right or wrong label (classification), its ROUGE-L F1 (generation)."""
     if task.kind == "classification":
-        from sklearn.metrics import accuracy_score, f1_score
-
-        gold = [e.label for e in examples]
-        return {
-            "accuracy": float(accuracy_score(gold, predictions)),
-            "macro_f1": float(f1_score(gold, predictions, labels=task.labels, average="macro", zero_division=0)),
-        }
-    import sacrebleu
+        return [float(p == e.label) for e, p in zip(examples, predictions, strict=True)]
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    gold = [e.target for e in examples]
-    rouge = [scorer.score(g, p)["rougeL"].fmeasure for g, p in zip(gold, predictions, strict=True)]
+    return [scorer.score(e.target, p)["rougeL"].fmeasure for e, p in zip(examples, predictions, strict=True)]
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of `values` (0 for fewer than two)."""
+    from statistics import stdev
+
+    return stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
+def metrics(task: Task, examples: list[Example], predictions: list[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 (classification), ROUGE-L and BLEU (generation), and the standard error of
+    the first over the examples (`accuracy_se`, `rougeL_se`), so that a gap between two scores can be
+    read against it."""
+    per_example = example_scores(task, examples, predictions)
+    if task.kind == "classification":
+        from sklearn.metrics import f1_score
+
+        gold = [e.label for e in examples]
+        return {
+            "accuracy": float(sum(per_example) / len(per_example)),
+            "accuracy_se": standard_error(per_example),
+            "macro_f1": float(f1_score(gold, predictions, labels=task.labels, average="macro", zero_division=0)),
+        }
+    import sacrebleu
+
     return {
-        "rougeL": float(sum(rouge) / len(rouge)),
-        "bleu": float(sacrebleu.corpus_bleu(predictions, [gold]).score),
+        "rougeL": float(sum(per_example) / len(per_example)),
+        "rougeL_se": standard_error(per_example),
+        "bleu": float(sacrebleu.corpus_bleu(predictions, [[e.target for e in examples]]).score),
     }
