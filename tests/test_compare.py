@@ -64,6 +64,22 @@ def test_compare_writes_the_table_and_plots(tiny, tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == 4
     assert "| LoRA |" in (out / "results.md").read_text()
     assert (out / "in-vs-ood-model.png").exists() and (out / "score-vs-share-model.png").exists()
+    # Each row against model tuning, example by example: the mean difference is the difference of the
+    # scores, and its standard error is that of the per-example differences.
+    from statistics import stdev
+
+    def hits(kind, side):
+        return [float(a["prediction"] == a["reference"]) for a in map(json.loads, open(
+            out / "runs" / f"model-{kind}" / f"predictions-{side}.jsonl"))]
+
+    for kind in ("design", "prompt", "lora"):
+        for side, key in (("in", "in_distribution"), ("ood", "out_of_distribution")):
+            d = [a - b for a, b in zip(hits(kind, side), hits("full", side), strict=True)]
+            assert by_kind[kind][f"{key}_vs_model_tuning"] == pytest.approx(by_kind[kind][key] - by_kind["full"][key])
+            assert by_kind[kind][f"{key}_vs_model_tuning_se"] == pytest.approx(stdev(d) / len(d) ** 0.5)
+    assert "in_distribution_vs_model_tuning" not in by_kind["full"]
+    paired = (out / "results.md").read_text().split("Difference from model tuning")[1]
+    assert "| LoRA |" in paired and "| model tuning |" not in paired
     # A trained configuration's folder is a run `slimtune eval` reads: it scores its tuning as the study did.
     from slimtune import cli
 

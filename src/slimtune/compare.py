@@ -258,7 +258,7 @@ def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh
                 raise RuntimeError(f"{name} failed; see the error above. Running the same command again resumes it "
                                    "from its last checkpoint")
             storage.atomic_write_json(run_dir / "row.json", row)
-        rows.append({**row, "method": label, **spec.shown})
+        rows.append({**row, "method": label, **spec.shown, "run": str(run_dir)})
         write_table(rows, out)
     return rows
 
@@ -322,14 +322,54 @@ def summarise(rows: list[dict]) -> list[dict]:
                 values = [r[key] for r in group]
                 row[key], row[f"{key}_sd"] = fmean(values), stdev(values) if len(values) > 1 else 0.0
         for key in ("seed", "in_distribution_all", "out_of_distribution_all", "in_distribution_se",
-                    "out_of_distribution_se", "wall_seconds"):
+                    "out_of_distribution_se", "wall_seconds", "run"):
             row.pop(key, None)
         out.append(row)
     return out
 
 
 COLUMNS = ["method", "model", "in_distribution", "out_of_distribution", "trainable", "share", "bytes_stored",
-           "train_seconds", "peak_memory_bytes", "in_distribution_se", "out_of_distribution_se"]
+           "train_seconds", "peak_memory_bytes", "in_distribution_se", "out_of_distribution_se",
+           "in_distribution_vs_model_tuning", "in_distribution_vs_model_tuning_se",
+           "out_of_distribution_vs_model_tuning", "out_of_distribution_vs_model_tuning_se"]
+SIDES = (("in", "in_distribution"), ("ood", "out_of_distribution"))
+
+
+def pair_with_model_tuning(rows: list[dict]) -> None:
+    """Each row's difference from model tuning on the same model, example by example over the same test
+    examples, with its standard error (`<side>_vs_model_tuning`, `..._se`), added in place: the two rows
+    answer the same examples, so their difference is measured far more precisely than the two scores'
+    separate standard errors suggest. Read from the answers kept in each run's folder; a row without
+    them (or a study over several seeds, or one without model tuning) gets none."""
+    from .formats import example_scores, standard_error
+
+    if several_seeds(rows):
+        return
+    answers: dict[Path, tuple[list, list[float]]] = {}
+
+    def scored(row: dict, side: str) -> tuple[list, list[float]] | None:
+        path = Path(row.get("run", "")) / f"predictions-{side}.jsonl"
+        if "run" not in row or not path.is_file():
+            return None
+        if path not in answers:
+            records = [json.loads(line) for line in path.read_text().splitlines()]
+            kind = "classification" if row["metric"] == "accuracy" else "generation"
+            answers[path] = ([(a["text"], a.get("text_pair")) for a in records],
+                             example_scores(kind, [a["reference"] for a in records], [a["prediction"] for a in records]))
+        return answers[path]
+
+    bases = {r["model"]: r for r in rows if r.get("kind") == "full" and "skipped" not in r}
+    for row in rows:
+        base = bases.get(row["model"])
+        if base is None or row is base or "skipped" in row:
+            continue
+        for side, name in SIDES:
+            mine, theirs = scored(row, side), scored(base, side)
+            if mine is None or theirs is None or mine[0] != theirs[0]:  # not the same examples: no pairing
+                continue
+            differences = [a - b for a, b in zip(mine[1], theirs[1], strict=True)]
+            row[f"{name}_vs_model_tuning"] = sum(differences) / len(differences)
+            row[f"{name}_vs_model_tuning_se"] = standard_error(differences)
 
 
 def several_seeds(rows: list[dict]) -> bool:
@@ -341,6 +381,7 @@ def write_table(rows: list[dict], out: Path) -> None:
     seeds, their mean ± standard deviation first, then each seed); summary.json: that mean table."""
     from . import storage
 
+    pair_with_model_tuning(rows)
     storage.atomic_write_json(out / "results.json", rows)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=[*COLUMNS, "init", "length", "task", "ood_task", "metric", "seed", "budget"],
@@ -382,7 +423,27 @@ def markdown(rows: list[dict]) -> str:
                   f"{r['train_seconds']:.0f} s", human_bytes(r["peak_memory_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
     skipped = [f"\n{r['method']} on {r['model']}: {r['skipped']}" for r in rows if "skipped" in r]
-    return head + "\n".join(lines) + "\n" + "".join(skipped) + ("\n" if skipped else "")
+    return head + "\n".join(lines) + "\n" + "".join(skipped) + ("\n" if skipped else "") + paired_markdown(shown)
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    """The rows' differences from model tuning (see `pair_with_model_tuning`), as a second table."""
+    paired = [r for r in rows if any(f"{name}_vs_model_tuning" in r for _, name in SIDES)]
+    if not paired:
+        return ""
+    ood = any("out_of_distribution_vs_model_tuning" in r for r in paired)
+
+    def cell(r: dict, name: str) -> str:
+        key = f"{name}_vs_model_tuning"
+        return f"{r[key]:+.3f} ({r[key + '_se']:.3f})" if key in r else "—"
+
+    text = ("\nDifference from model tuning, example by example over the same test examples (its standard "
+            "error in brackets):\n\n| method | model | in distribution |" + (" out of distribution |" if ood else "")
+            + "\n|---|---|---|" + ("---|" if ood else "") + "\n")
+    for r in paired:
+        text += f"| {r['method']} | {r['model']} | {cell(r, 'in_distribution')} |" + (
+            f" {cell(r, 'out_of_distribution')} |" if ood else "") + "\n"
+    return text
 
 
 def human_bytes(n: float) -> str:

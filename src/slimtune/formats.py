@@ -233,14 +233,15 @@ def write_predictions(path: Path, examples: list[Example], predictions: list[str
     atomic_write(Path(path), "".join(lines).encode())
 
 
-def example_scores(task: Task, examples: list[Example], predictions: list[str]) -> list[float]:
-    """Each example's score: 1 or 0 for a right or wrong label (classification), its ROUGE-L F1 (generation)."""
-    if task.kind == "classification":
-        return [float(p == e.label) for e, p in zip(examples, predictions, strict=True)]
+def example_scores(kind: str, references: list[str], predictions: list[str]) -> list[float]:
+    """Each answer's score: 1 or 0 for a right or wrong label (classification), its ROUGE-L F1 against
+    the reference (generation)."""
+    if kind == "classification":
+        return [float(p == r) for r, p in zip(references, predictions, strict=True)]
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(e.target, p)["rougeL"].fmeasure for e, p in zip(examples, predictions, strict=True)]
+    return [scorer.score(r, p)["rougeL"].fmeasure for r, p in zip(references, predictions, strict=True)]
 
 
 def standard_error(values: list[float]) -> float:
@@ -254,11 +255,11 @@ def metrics(task: Task, examples: list[Example], predictions: list[str]) -> dict
     """Accuracy and macro-F1 (classification), ROUGE-L and BLEU (generation), and the standard error of
     the first over the examples (`accuracy_se`, `rougeL_se`), so that a gap between two scores can be
     read against it."""
-    per_example = example_scores(task, examples, predictions)
+    gold = [e.label if task.kind == "classification" else e.target for e in examples]
+    per_example = example_scores(task.kind, gold, predictions)
     if task.kind == "classification":
         from sklearn.metrics import f1_score
 
-        gold = [e.label for e in examples]
         return {
             "accuracy": float(sum(per_example) / len(per_example)),
             "accuracy_se": standard_error(per_example),
@@ -269,5 +270,5 @@ def metrics(task: Task, examples: list[Example], predictions: list[str]) -> dict
     return {
         "rougeL": float(sum(per_example) / len(per_example)),
         "rougeL_se": standard_error(per_example),
-        "bleu": float(sacrebleu.corpus_bleu(predictions, [[e.target for e in examples]]).score),
+        "bleu": float(sacrebleu.corpus_bleu(predictions, [gold]).score),
     }
