@@ -166,7 +166,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
                    train_seconds=summary["train_seconds"], steps=summary["steps"], lr=summary["lr"])
     key = "accuracy" if task.kind == "classification" else "rougeL"
     row["metric"] = key
-    for side, name in (("in", "in_distribution"), ("ood", "out_of_distribution")):
+    for side, name in SIDES:
         if side in scores:  # the score, its standard error over the test examples, and every metric
             row[name], row[f"{name}_se"], row[f"{name}_all"] = scores[side][key], scores[side][f"{key}_se"], scores[side]
     row["wall_seconds"] = round(time.perf_counter() - started, 1)
