@@ -348,8 +348,10 @@ def pair_with_model_tuning(rows: list[dict]) -> None:
     answers: dict[Path, tuple[list, list[float]]] = {}
 
     def scored(row: dict, side: str) -> tuple[list, list[float]] | None:
-        path = Path(row.get("run", "")) / f"predictions-{side}.jsonl"
-        if "run" not in row or not path.is_file():
+        if "run" not in row:
+            return None
+        path = Path(row["run"]) / f"predictions-{side}.jsonl"
+        if not path.is_file():
             return None
         if path not in answers:
             records = [json.loads(line) for line in path.read_text().splitlines()]
