@@ -64,6 +64,18 @@ def test_saving_is_atomic_and_overwrites(tmp_path):
     assert all(torch.equal(tensors[n], saved[n]) for n in saved)
 
 
+def test_written_files_get_the_permissions_open_would_give(tmp_path):
+    """The temporary file behind an atomic write is owner-only; the file it becomes must not be."""
+    (tmp_path / "plain.json").write_bytes(b"{}")
+    storage.atomic_write(tmp_path / "new.json", b"{}")
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777
+    (tmp_path / "old.json").write_bytes(b"[]")
+    (tmp_path / "old.json").chmod(0o604)
+    storage.atomic_write(tmp_path / "old.json", b"{}")  # an existing file keeps its own
+    assert (tmp_path / "old.json").stat().st_mode & 0o777 == 0o604
+    assert (tmp_path / "old.json").read_bytes() == b"{}"
+
+
 def test_loading_into_a_model_of_another_shape_or_type_says_so(tmp_path):
     slimtune.attach(build("gpt2"), slimtune.LoRA(rank=2)).save(tmp_path / "gpt2")
     with pytest.raises(slimtune.ModelMismatchError, match="gpt2 model.*llama model"):

@@ -23,12 +23,20 @@ VERSION = 1
 RECORD = "slimtune.json"
 TENSORS = "tuning.safetensors"
 
+_UMASK = os.umask(0o022)  # read once (reading it means setting it), then put back
+os.umask(_UMASK)
+
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`. The file gets the
+    permissions `open()` would give it (the temporary file's own are owner-only): an existing file's,
+    or 0o666 less the umask the process had when this module was imported."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # POSIX; elsewhere the temporary file's mode stands
+                os.fchmod(f.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
