@@ -23,6 +23,9 @@ VERSION = 1
 RECORD = "slimtune.json"
 TENSORS = "tuning.safetensors"
 
+MAX_JSON_BYTES = 1 << 20  # a tuning's record, a PEFT config, a task: kilobytes in practice
+MAX_JSON_DEPTH = 32  # the deepest of them nests 4 levels
+
 _UMASK = os.umask(0o022)  # read once (reading it means setting it), then put back
 os.umask(_UMASK)
 
@@ -55,6 +58,27 @@ def atomic_write_json(path: Path, value, **options) -> None:
     atomic_write(path, json_bytes(value, **options))
 
 
+def load_json(data: str | bytes, what: str):
+    """JSON that may come from outside (an uploaded file, a form field): at most MAX_JSON_BYTES, nested at most
+    MAX_JSON_DEPTH deep. Anything else is a `TuningFileError` naming `what` and the limit, never a RecursionError."""
+    if len(data) > MAX_JSON_BYTES:
+        raise TuningFileError(f"{what} is {len(data)} bytes of JSON; at most {MAX_JSON_BYTES} are accepted")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise TuningFileError(f"{what} is JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TuningFileError(f"{what} is not valid JSON ({err})") from err
+    level, todo = 0, [value]
+    while todo:
+        level += 1
+        if level > MAX_JSON_DEPTH:
+            raise TuningFileError(f"{what} is JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        todo = [v for item in todo for v in (item.values() if isinstance(item, dict) else item)
+                if isinstance(v, (dict, list))]
+    return value
+
+
 def encode(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_tensors({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
 
@@ -80,10 +104,7 @@ def read_record(path: str | os.PathLike) -> dict:
     record_file, tensor_file = folder / RECORD, folder / TENSORS
     if not record_file.is_file() or not tensor_file.is_file():
         raise TuningFileError(f"no slimtune tuning at '{folder}': expected the files {RECORD} and {TENSORS} there")
-    try:
-        record = json.loads(record_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TuningFileError(f"'{record_file}' is not valid JSON ({err}); the tuning is corrupt") from err
+    record = load_json(record_file.read_bytes(), f"'{record_file}'")
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise TuningFileError(f"'{record_file}' is not a slimtune tuning record (expected format {FORMAT!r})")
     if record.get("version") != VERSION:
