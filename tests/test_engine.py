@@ -150,7 +150,7 @@ def test_bad_requests_are_refused_with_what_was_expected():
     with pytest.raises(RequestError, match="temperature"):
         engine.generate("lora", prompt(0), temperature=-1)
     with pytest.raises(RequestError, match="top_p"):
-        engine.generate("lora", prompt(0), top_p=0)
+        engine.generate("lora", prompt(0), top_p=1.5)
     with pytest.raises(RequestError, match="context of 128"):
         engine.generate("prompt4", [5] * 100, max_new_tokens=25)  # 100 + 4 virtual + 25 > 128
     with pytest.raises(RequestError, match="empty"):

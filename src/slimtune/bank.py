@@ -29,10 +29,13 @@ from .routing import Routing, keep_routing_in_checkpoints, routed
 class Bank(nn.Module):
     """Many users' tunings over one shared, frozen model."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, frozen: bool = False):
+        """`frozen=True`: the model must stay exactly as it is (a server's shared model): tunings that write
+        its weights (a full fine-tune) are refused even when the bank is empty."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.frozen = frozen
         self.parts = nn.ModuleDict()  # method kind -> Component holding every user of that method
         self._methods: dict[str, Method] = {}
         self._takes_positions = modules.accepts(model, "position_ids")
@@ -51,24 +54,36 @@ class Bank(nn.Module):
         self._check_known(user)
         return self._methods[user]
 
-    def add(self, user: str, tuning: Method | str | os.PathLike | TunedModel, tokenizer: Any = None) -> None:
-        """Add `user` with a new tuning (a method config), a saved one (a folder) or a trained one (a TunedModel)."""
+    def add(self, user: str, tuning: Method | str | os.PathLike | TunedModel | tuple[Method, dict],
+            tokenizer: Any = None) -> None:
+        """Add `user` with a new tuning (a method config), a saved one (a folder, or a method and its saved
+        tensors) or a trained one (a TunedModel)."""
         if not isinstance(user, str) or not user:
             raise TuningError(f"a user name must be a non-empty string, got {user!r}")
         if user in self._methods:
             raise TuningError(f"user {user!r} is already in this bank; remove() them first")
         method, state, head_state = self._resolve(tuning)
-        if isinstance(method, FullFineTuning) or "full" in self.parts:
-            if self._methods:
-                raise TuningError(
-                    "a full fine-tune changes every weight of the shared model, so it cannot share a bank "
-                    "with other tunings; give it a model of its own"
-                )
+        self.check_method(method)
         context = InitContext(tokenizer or self.tokenizer)
         self._part(method.component).add(user, method, state, context)
         if modules.head_names(self.model) and not isinstance(method, FullFineTuning):
             self._part(HeadComponent).add(user, None, head_state, context)
         self._methods[user] = method
+
+    def check_method(self, method: Method) -> None:
+        """Refuse a tuning that would write the shared model's weights where others share them (or may)."""
+        if not (method.writes_base or "full" in self.parts):
+            return
+        if self.frozen:
+            raise TuningError(
+                f"a {method.kind} tuning writes the model's own weights; this model is shared and frozen, so it "
+                "serves tunings beside the weights only (LoRA, adapters, prefix or prompt tuning, BitFit)"
+            )
+        if self._methods:
+            raise TuningError(
+                "a full fine-tune changes every weight of the shared model, so it cannot share a bank "
+                "with other tunings; give it a model of its own"
+            )
 
     def remove(self, user: str) -> None:
         self._check_known(user)
@@ -114,7 +129,9 @@ class Bank(nn.Module):
     def _resolve(self, tuning: Method | str | os.PathLike | TunedModel) -> tuple[Method, dict | None, dict | None]:
         if isinstance(tuning, Method):
             return tuning, None, None
-        if isinstance(tuning, TunedModel):
+        if isinstance(tuning, tuple) and len(tuning) == 2 and isinstance(tuning[0], Method):
+            method, state = tuning
+        elif isinstance(tuning, TunedModel):
             state = tuning.bank.state(tuning.user)
             method = tuning.method
         elif isinstance(tuning, (str, os.PathLike)):

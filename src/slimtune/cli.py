@@ -182,7 +182,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve  # fastapi and uvicorn only when serving
 
     serve(model=args.model, store=args.store, host=args.host, port=args.port, admin_key_file=args.admin_key_file,
-          max_resident=args.max_resident, max_batch=args.max_batch)
+          max_resident=args.max_resident, max_batch=args.max_batch, max_tunings_per_key=args.max_tunings_per_key,
+          max_bytes_per_key=args.max_bytes_per_key)
     return 0
 
 
@@ -243,6 +244,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-key-file", help="a file holding the admin key (default: $SLIMTUNE_ADMIN_KEY)")
     serve.add_argument("--max-resident", type=int, default=64, help="tunings held in memory at once")
     serve.add_argument("--max-batch", type=int, default=32, help="generations per decoding step")
+    serve.add_argument("--max-tunings-per-key", type=int, default=100, help="tunings one key may keep in the store")
+    serve.add_argument("--max-bytes-per-key", type=int, default=2 * 2**30,
+                       help="bytes of tensors one key may keep in the store (default 2 GiB)")
     serve.set_defaults(func=cmd_serve)
     return top
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import queue
+import string
 import threading
 import time
 from collections import OrderedDict, deque
@@ -38,15 +40,30 @@ from torch import nn
 from transformers import DynamicCache
 
 from . import modules, storage
-from .bank import Bank
+from .bank import Bank, read_tuning
 from .data import Example, Task
+from .data.errors import DataError
 from .errors import TuningError, UnknownUserError
 from .formats import Format
 from .store import Store
 
+# The limits of a request, here only: the server maps the errors to HTTP and checks nothing of its own.
+MAX_TEMPERATURE = 2.0  # as OpenAI
+MAX_STOP = 4  # stop strings, as OpenAI
+MAX_STOP_CHARS = 256  # characters of one stop string
+MAX_INPUTS = 256  # texts in one classification request
+MAX_LABELS = 100  # labels of a classification task
+MAX_SCORED_ROWS = 2048  # rows one classification request costs: texts (a head) or texts x labels (a verbalizer)
+MAX_TEMPLATE_CHARS = 4000
+
 
 class RequestError(TuningError):
-    """A request the engine cannot serve as asked (bad setting, prompt too long, wrong kind of tuning)."""
+    """A request the engine cannot serve as asked (bad setting, prompt too long, wrong kind of tuning);
+    `param` names the setting that was wrong, where one was."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class EngineClosedError(RuntimeError):
@@ -65,31 +82,43 @@ class Completion:
     logits: torch.Tensor | None = None  # [new tokens, vocab], when asked for with keep_logits=True
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class GenerationRequest:
     user: str | None
     prompt: str | list[int]
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # 0: only the most likely token, i.e. greedy
     seed: int | None = None
     stop: Sequence[str] = ()
     keep_logits: bool = False
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     def check(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 10.0:
-            raise RequestError(f"temperature must be a number in [0, 10], got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise RequestError(f"seed must be an integer, got {self.seed!r}")
+        """Every setting within its limits (OpenAI's where it has them); a RequestError naming the first that is not."""
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}", "max_tokens")
+        if not _number(self.temperature) or not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise RequestError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {self.temperature!r}",
+                               "temperature")
+        if not _number(self.top_p) or not 0.0 <= self.top_p <= 1.0:
+            raise RequestError(f"top_p must be between 0 and 1, got {self.top_p!r}", "top_p")
+        if self.top_p == 0.0:  # only the most likely token is left
+            self.temperature, self.top_p = 0.0, 1.0
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise RequestError(f"seed must be an integer that fits in 64 bits, got {self.seed!r}", "seed")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop or [])
+        if len(self.stop) > MAX_STOP or any(not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            shown = [s[:40] if isinstance(s, str) else s for s in self.stop[:MAX_STOP + 1]]
+            raise RequestError(f"stop must be at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} "
+                               f"characters, got {shown!r}", "stop")
 
 
 class _Channel:
@@ -185,9 +214,30 @@ class _Row:
 
 @dataclass
 class _Scoring:
-    user: str | None
+    """One classification request, prepared off the worker: its rows (a text, or with a verbalizer a text
+    followed by one label word), scored a batch at a time between decoding steps."""
+
+    user: str
+    format: Format
     texts: list[str]
     channel: _Channel
+    rows: list[tuple[list[int], list[int]]]  # verbalizer: (prompt + label word ids, targets); a head: none
+    scores: list[torch.Tensor] = field(default_factory=list)  # one per scored batch, in order
+    next: int = 0  # rows (verbalizer) or texts (head) scored so far
+
+    @property
+    def head(self) -> bool:
+        return self.format.style == "head"
+
+    @property
+    def size(self) -> int:
+        return len(self.texts) if self.head else len(self.rows)
+
+    def answer(self) -> list[dict[str, float]]:
+        labels = self.format.task.labels
+        scores = torch.cat(self.scores)
+        probs = scores if self.head else scores.view(len(self.texts), len(labels)).softmax(-1)
+        return [dict(zip(labels, p.tolist(), strict=True)) for p in probs]
 
 
 @dataclass
@@ -217,7 +267,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store = store
-        self.bank = Bank(model, tokenizer)
+        self.bank = Bank(model, tokenizer, frozen=True)
         self.max_resident = max_resident
         self.max_batch = max_batch
         config = modules.text_config(model)
@@ -226,6 +276,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.eos = self._eos_ids()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sorted(self.eos) or [0])[0]
+        # A prompt of more characters than this cannot fit the context (no token is longer): refused before tokenising.
+        self.max_prompt_chars = self.max_length * _longest_token(tokenizer)
         self.stats = EngineStats()
         self._resident: OrderedDict[str, None] = OrderedDict()  # loaded from the store, least recent first
         self._pinned: set[str] = set()  # added directly: cannot be reloaded, never evicted
@@ -288,6 +340,87 @@ class Engine:
         if user not in self._tasks:
             self._tasks[user] = self.store.entry(user).task
         return self._tasks[user]
+
+    def check(self, tuning: str | os.PathLike, task: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Load a saved tuning as serving it would, on this engine's model, then let it go again: the
+        whole check of an upload before it is stored. Returns what a store should keep (the record,
+        its method's module patterns resolved into module names, the task: `task`, else the one the
+        tuning records, checked; and the tensors). Raises a `TuningError` saying what does not fit
+        (a `RequestError` for the task); the model and the tunings being served are unchanged."""
+        task = task if task is not None else _task_of(tuning)
+        if task is not None:
+            self.check_task(task)
+        method, state = read_tuning(tuning, self.model, self.bank.fingerprint)
+        self.bank.check_method(method)  # before anything is built: a full fine-tune is refused here
+        method = method.resolve(self.model)
+        for name, tensor in state.items():
+            if not tensor.is_floating_point():
+                raise TuningError(f"tensor {name!r} holds {tensor.dtype} values; a tuning's tensors are floating point")
+            if not torch.isfinite(tensor).all():
+                raise TuningError(f"tensor {name!r} holds values that are not finite numbers (NaN or infinity)")
+        with self._lock:  # between two steps of the worker
+            scratch = f".check-{next(self._ids)}"
+            self.bank.add(scratch, (method, state))
+            self.bank.remove(scratch)
+        record = {"method": method.to_dict(), "model": self.bank.fingerprint}
+        return (record if task is None else {**record, "task": task}), state
+
+    def check_task(self, task: Any) -> dict:
+        """A task record (what a tuning was trained to do) checked to be one this engine can serve, within
+        the limits; returns it. Raises a RequestError (param "task") saying what is wrong."""
+        self._format_of(task)
+        return task
+
+    def _format_of(self, task: Any) -> Format:
+        def wrong(message: str) -> RequestError:
+            return RequestError(f"task: {message}", "task")
+
+        if not isinstance(task, dict):
+            raise wrong(f"expected a JSON object, got {type(task).__name__}")
+        kind = task.get("kind", "classification")
+        if kind not in ("classification", "generation"):
+            raise wrong(f"kind must be 'classification' or 'generation', got {str(kind)[:40]!r}")
+        name = task.get("name", "task")
+        if not isinstance(name, str) or len(name) > 200:
+            raise wrong("name must be a string of at most 200 characters")
+        template = task.get("template") or ""
+        if not isinstance(template, str) or len(template) > MAX_TEMPLATE_CHARS:
+            raise wrong(f"template must be a string of at most {MAX_TEMPLATE_CHARS} characters")
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+        except ValueError as err:
+            raise wrong(f"template is not a valid format string ({err})") from None
+        if any(f not in ("text", "text_pair") or spec or conv for f, spec, conv in fields):
+            raise wrong("template may hold only the fields {text} and {text_pair}, with no format spec or conversion")
+        max_length = task.get("max_length", 128)
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= self.max_length:
+            raise wrong(f"max_length must be an integer from 1 to the model's context of {self.max_length} tokens")
+        if kind == "generation":
+            return Format(Task(name=name, kind="generation", train=[], validation=[], test=[]), self.tokenizer,
+                          "generation", max_length=max_length, template=template)
+        labels, words = task.get("labels"), task.get("label_words")
+        if (not isinstance(labels, list) or not 1 <= len(labels) <= MAX_LABELS or len(set(map(str, labels))) != len(labels)
+                or any(not isinstance(x, str) or not x or len(x) > 200 for x in labels)):
+            raise wrong(f"labels must be a list of 1 to {MAX_LABELS} different non-empty strings of at most 200 characters")
+        if words is not None and (not isinstance(words, dict) or set(words) != set(labels)
+                                  or any(not isinstance(w, str) or not w or len(w) > 200 for w in words.values())):
+            raise wrong("label_words must map each label (and nothing else) to a non-empty word of at most 200 characters")
+        head = bool(modules.head_names(self.model))
+        style = task.get("style") or ("head" if head else "verbalizer")
+        if style != ("head" if head else "verbalizer"):
+            raise wrong(f"style must be {'head' if head else 'verbalizer'} for {type(self.model).__name__}, "
+                        f"got {str(style)[:40]!r}")
+        if head and len(labels) != getattr(modules.text_config(self.model), "num_labels", len(labels)):
+            raise wrong(f"the model's head has {modules.text_config(self.model).num_labels} labels, the task {len(labels)}")
+        try:
+            spec = Task(name=name, kind="classification", train=[], validation=[], test=[], labels=labels,
+                        label_words=words)
+            fmt = Format(spec, self.tokenizer, style, max_length=max_length, template=template)
+        except (DataError, TuningError) as err:
+            raise wrong(str(err)) from None
+        if not head and max(len(ids) for ids in fmt.label_ids) >= max_length:
+            raise wrong(f"a label word is as long as max_length ({max_length} tokens) or longer")
+        return fmt
 
     def _check_user(self, user: str | None) -> None:
         if user is not None and not isinstance(user, str):
@@ -371,27 +504,50 @@ class Engine:
 
     def classify(self, user: str | None, texts: Sequence[str]) -> list[dict[str, float]]:
         """Label probabilities for each text under `user`'s classification tuning (sync API)."""
-        channel = self._submit_scoring(user, texts, None)
-        return _unwrap(channel.queue.get())
+        job = self._scoring_job(user, texts, None)
+        self._submit_scoring(job)
+        return _unwrap(job.channel.queue.get())
 
     async def aclassify(self, user: str | None, texts: Sequence[str]) -> list[dict[str, float]]:
-        channel = self._submit_scoring(user, texts, asyncio.get_running_loop())
-        return _unwrap(await channel.queue.get())
+        """As `classify`; the texts are tokenised in a thread, off the event loop and off the worker."""
+        job = await asyncio.to_thread(self._scoring_job, user, texts, asyncio.get_running_loop())
+        self._submit_scoring(job)
+        return _unwrap(await job.channel.queue.get())
 
-    def _submit_scoring(self, user, texts, loop) -> _Channel:
+    def _scoring_job(self, user: str | None, texts: Sequence[str], loop) -> _Scoring:
+        """A classification request checked against the limits and tokenised, ready for the worker."""
         if self._closing:
             raise EngineClosedError("the engine is shutting down and takes no new requests")
         self._check_user(user)
         if isinstance(texts, str) or not texts or any(not isinstance(t, str) for t in texts):
-            raise RequestError("inputs must be a non-empty list of strings")
+            raise RequestError("inputs must be a non-empty list of strings", "inputs")
+        if len(texts) > MAX_INPUTS:
+            raise RequestError(f"inputs holds {len(texts)} texts; at most {MAX_INPUTS} per request", "inputs")
+        if any(len(t) > self.max_prompt_chars for t in texts):
+            raise RequestError(f"an input is longer than {self.max_prompt_chars} characters, more than the model's "
+                               f"context of {self.max_length} tokens could hold", "inputs")
         task = self.task(user) if user is not None else None
         if not task or task.get("kind") != "classification":
-            raise RequestError(f"{user!r} is not a classification tuning (no labels recorded with it)")
-        channel = _Channel(loop)
+            raise RequestError(f"{user!r} is not a classification tuning (no labels recorded with it)", "model")
+        fmt = self._format_of(task)
+        cost = len(texts) * (1 if fmt.style == "head" else len(fmt.label_ids))
+        if cost > MAX_SCORED_ROWS:
+            raise RequestError(f"{len(texts)} inputs x {len(fmt.label_ids)} labels is {cost} rows to score; at most "
+                               f"{MAX_SCORED_ROWS} per request: send fewer inputs at a time", "inputs")
+        rows = []
+        if fmt.style != "head":
+            room = max(len(ids) for ids in fmt.label_ids)
+            for text in texts:
+                prompt = fmt.prompt_ids(Example(text=text), room=room)
+                rows.extend((prompt + ids, [-100] * len(prompt) + ids) for ids in fmt.label_ids)
+        return _Scoring(user, fmt, list(texts), _Channel(loop), rows)
+
+    def _submit_scoring(self, job: _Scoring) -> None:
+        if self._closing:
+            raise EngineClosedError("the engine is shutting down and takes no new requests")
         self.stats.requests += 1
-        self._inbox.put(("score", _Scoring(user, list(texts), channel), None))
+        self._inbox.put(("score", job, None))
         self._ensure_worker()
-        return channel
 
     def close(self, wait: bool = True) -> None:
         """Stop taking requests; with `wait`, finish the ones in flight, else cancel them."""
@@ -432,19 +588,22 @@ class Engine:
         return int(method.get("length", 0)) if method.get("kind") == "prompt" else 0
 
     def _work(self) -> None:
-        while True:
-            busy = bool(self._running or self._waiting or self._scoring)
-            if not busy and self._closing and self._inbox.empty():
-                return
-            self._take(block=not busy)
-            try:
-                with torch.inference_mode(), self._lock:
-                    self._score()
-                    self._admit()
-                    if self._running:
-                        self._step()
-            except Exception as err:  # fail the requests in flight, keep serving
-                self._fail_all(err)
+        try:
+            while True:
+                busy = bool(self._running or self._waiting or self._scoring)
+                if not busy and self._closing and self._inbox.empty():
+                    return
+                self._take(block=not busy)
+                try:
+                    with torch.inference_mode(), self._lock:
+                        self._score()
+                        self._admit()
+                        if self._running:
+                            self._step()
+                except Exception as err:  # a fault of the engine's own: each request's errors are caught nearer
+                    self._fail_all(err)
+        finally:  # even a BaseException: no request is left waiting for an answer that cannot come
+            self._fail_all(EngineClosedError("the engine stopped"))
 
     def _take(self, block: bool) -> None:
         try:
@@ -462,7 +621,7 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _fail_all(self, err: Exception) -> None:
+    def _fail_all(self, err: BaseException) -> None:
         for row in self._running:
             row.handle._channel.put(("error", err))
         for handle, _ in self._waiting:
@@ -476,80 +635,64 @@ class Engine:
     # scoring
 
     def _score(self) -> None:
-        while self._scoring:
-            jobs, rows = [], 0
-            while self._scoring and (not jobs or rows + len(self._scoring[0].texts) <= self.max_batch):
-                job = self._scoring[0]
-                keep = {j.user for j in jobs if j.user is not None}
-                try:
-                    resident = self._make_resident(job.user, keep)
-                except Exception as err:  # deleted meanwhile, or unreadable: this request fails, no other
-                    self._scoring.popleft().channel.put(("error", err))
-                    continue
-                if not resident:
-                    break
-                jobs.append(self._scoring.popleft())
-                rows += len(job.texts)
-            if not jobs:
-                return
+        """Score one batch of at most `max_batch` waiting classification rows, of one or several requests
+        (a long request goes on at the next step: generation is not held up behind it). A batch that
+        fails is run again request by request, so an error fails only the request it came from."""
+        batch: list[tuple[_Scoring, int, int]] = []  # (request, first row, end)
+        rows, keep = 0, set()
+        for job in list(self._scoring):
+            if rows >= self.max_batch or (batch and (job.head or batch[0][0].head)):
+                break  # a head's inputs are its format's to tokenise: it runs alone
             try:
-                for job, answer in zip(jobs, self._classify(jobs), strict=True):
-                    job.channel.put(("done", answer))
-            except Exception as err:
-                for job in jobs:
-                    job.channel.put(("error", err))
+                resident = self._make_resident(job.user, keep)
+            except Exception as err:  # deleted meanwhile, or unreadable: this request fails, no other
+                self._scoring.remove(job)
+                job.channel.put(("error", err))
+                continue
+            if not resident:
+                break
+            take = min(job.size - job.next, self.max_batch - rows)
+            batch.append((job, job.next, job.next + take))
+            rows += take
+            keep.add(job.user)
+        if not batch:
+            return
+        try:
+            results: list = self._score_rows(batch)
+        except Exception as err:
+            results = [err] if len(batch) == 1 else [self._score_alone(part) for part in batch]
+        for (job, _, end), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                self._scoring.remove(job)
+                job.channel.put(("error", result))
+                continue
+            job.scores.append(result)
+            job.next = end
+            if job.next >= job.size:
+                self._scoring.remove(job)
+                job.channel.put(("done", job.answer()))
 
-    def _classify(self, jobs: list[_Scoring]) -> list[list[dict[str, float]]]:
-        """Every job's texts in one batch: a head's class probabilities, or for a verbalizer the
-        probability of each label word (its tokens' summed log-probability, normalised over the labels)."""
-        formats = {j.user: self._format(j.user) for j in jobs}
-        heads = [j for j in jobs if formats[j.user].style == "head"]
-        words = [j for j in jobs if formats[j.user].style != "head"]
-        answers: dict[int, list[dict[str, float]]] = {}
-        if heads:
-            # One batch per task format: tokenisation (pairs, lengths) is the format's.
-            for job in heads:
-                fmt = formats[job.user]
-                inputs = fmt.head_inputs([Example(text=t) for t in job.texts], self.device)
-                probs = self.bank(users=[job.user] * len(job.texts), **inputs).logits.float().softmax(-1)
-                answers[id(job)] = [dict(zip(fmt.task.labels, p.tolist(), strict=True)) for p in probs]
-        if words:
-            rows, targets, users, where = [], [], [], []
-            for job in words:
-                fmt = formats[job.user]
-                room = max(len(ids) for ids in fmt.label_ids)
-                for t in job.texts:
-                    prompt = fmt.prompt_ids(Example(text=t), room=room)
-                    for ids in fmt.label_ids:
-                        rows.append(prompt + ids)
-                        targets.append([-100] * len(prompt) + ids)
-                        users.append(job.user)
-                where.append(len(job.texts) * len(fmt.label_ids))
-            scores = []
-            for start in range(0, len(rows), self.max_batch):
-                batch = formats[words[0].user]._pad(rows[start:start + self.max_batch], targets[start:start + self.max_batch],
-                                                    self.device)
-                logits = self.bank(users=users[start:start + self.max_batch], input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"]).logits
-                logp = torch.log_softmax(logits[:, :-1].float(), -1)
-                labels = batch["labels"][:, 1:]
-                scores.append((logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)).sum(-1))
-            flat = torch.cat(scores)
-            offset = 0
-            for job, n in zip(words, where, strict=True):
-                fmt = formats[job.user]
-                probs = flat[offset:offset + n].view(len(job.texts), len(fmt.label_ids)).softmax(-1)
-                answers[id(job)] = [dict(zip(fmt.task.labels, p.tolist(), strict=True)) for p in probs]
-                offset += n
-        return [answers[id(j)] for j in jobs]
+    def _score_alone(self, part: tuple[_Scoring, int, int]) -> torch.Tensor | Exception:
+        try:
+            return self._score_rows([part])[0]
+        except Exception as err:
+            return err
 
-    def _format(self, user: str) -> Format:
-        task = self.task(user)
-        labels = task["labels"]
-        spec = Task(name=task.get("name", user), kind="classification", train=[], validation=[], test=[],
-                    labels=labels, label_words=task.get("label_words"))
-        style = task.get("style") or ("head" if modules.head_names(self.model) else "verbalizer")
-        return Format(spec, self.tokenizer, style, max_length=task.get("max_length", 128), template=task.get("template", ""))
+    def _score_rows(self, batch: list[tuple[_Scoring, int, int]]) -> list[torch.Tensor]:
+        """Each part's scores: a head's class probabilities per text, or per (text, label word) row the
+        label word's summed log-probability (normalised over the labels once the request is whole)."""
+        if batch[0][0].head:
+            job, start, end = batch[0]
+            inputs = job.format.head_inputs([Example(text=t) for t in job.texts[start:end]], self.device)
+            return [self.bank(users=[job.user] * (end - start), **inputs).logits.float().softmax(-1)]
+        rows = [row for job, start, end in batch for row in job.rows[start:end]]
+        users = [job.user for job, start, end in batch for _ in range(end - start)]
+        padded = batch[0][0].format._pad([r[0] for r in rows], [r[1] for r in rows], self.device)
+        logits = self.bank(users=users, input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        labels = padded["labels"][:, 1:]
+        scores = (logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)).sum(-1)
+        return list(scores.split([end - start for _, start, end in batch]))
 
     # generation
 
@@ -580,6 +723,20 @@ class Engine:
             new.append(_Row(handle, ids, generator))
         if not new:
             return
+        try:
+            self._prefill(new)
+        except Exception as err:  # one of them cannot run: find which, alone; the others join as usual
+            if len(new) == 1:
+                self._fail_rows(new, err)
+                return
+            for row in new:
+                try:
+                    self._prefill([row])
+                except Exception as alone:
+                    self._fail_rows([row], alone)
+
+    def _prefill(self, new: list[_Row]) -> None:
+        """Prefill new rows' prompts into a fresh cache and join them to the running batch."""
         width = max(len(r.prompt_ids) for r in new)
         ids = torch.full((len(new), width), self.pad, dtype=torch.long)
         mask = torch.zeros(len(new), width, dtype=torch.long)
@@ -593,28 +750,70 @@ class Engine:
         self._join(new, cache, mask)
         self._advance(new, logits, first=len(self._running) - len(new))
 
+    def _fail_rows(self, rows: list[_Row], err: BaseException) -> None:
+        for row in rows:
+            row.handle._channel.put(("error", err))
+
     def _step(self) -> None:
         last = torch.tensor([[row.tokens[-1]] for row in self._running], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
-        logits = self.bank.decode(last, self._mask, [r.request.user for r in self._running], self._cache)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
+        before = [(layer.keys, layer.values) for layer in self._cache.layers]  # each step appends new tensors
+        try:
+            logits = self.bank.decode(last, mask, [r.request.user for r in self._running], self._cache)
+        except Exception as err:
+            for layer, (keys, values) in zip(self._cache.layers, before, strict=True):
+                layer.keys, layer.values = keys, values
+            self._drop_failing(err)
+            return
+        self._mask = mask
         self.stats.steps += 1
         self.stats.batch_rows.append(len(self._running))
         self._advance(self._running, logits, first=0)
 
+    def _drop_failing(self, err: Exception) -> None:
+        """A decoding step failed: run each tuning's rows alone (on a copy of their cache) to find the ones
+        that fail, and fail only those; the others take the step again next time. If none fails alone, the
+        fault is not one request's: every running row fails."""
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
+        failing: set[int] = set()
+        for user in dict.fromkeys(r.request.user for r in self._running):
+            rows = [i for i, r in enumerate(self._running) if r.request.user == user]
+            index = torch.tensor(rows, device=self.device)
+            alone = DynamicCache()
+            for i, layer in enumerate(self._cache.layers):
+                alone.update(layer.keys.index_select(0, index), layer.values.index_select(0, index), i)
+            last = torch.tensor([[self._running[i].tokens[-1]] for i in rows], device=self.device)
+            try:
+                self.bank.decode(last, mask.index_select(0, index), [user] * len(rows), alone)
+            except Exception as own:
+                self._fail_rows([self._running[i] for i in rows], own)
+                failing.update(rows)
+        if not failing:
+            raise err
+        self._keep([i for i in range(len(self._running)) if i not in failing])
+
     def _advance(self, rows: list[_Row], logits: torch.Tensor, first: int) -> None:
-        """Sample each row's next token from its logits, stream it, and drop the rows that are done."""
-        tokens = _sample(logits, [r.request for r in rows], [r.generator for r in rows])
+        """Sample each row's next token from its logits, stream it, and drop the rows that are done. A row
+        whose sampling or text fails is failed alone."""
+        greedy = logits.argmax(-1).tolist()
         done = []
-        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-            if row.request.keep_logits:
-                row.logits.append(logits[i].float().cpu())
-            reason = self._push(row, token)
+        for i, row in enumerate(rows):
+            try:
+                request = row.request
+                token = greedy[i] if request.temperature <= 0 else _sample(logits[i], request, row.generator)
+                if request.keep_logits:
+                    row.logits.append(logits[i].float().cpu())
+                reason = self._push(row, token)
+            except Exception as err:
+                self._fail_rows([row], err)
+                reason = "failed"
             if reason is not None:
                 done.append((first + i, row, reason))
         if done:
             gone = {i for i, _, _ in done}
             for _, row, reason in done:
-                self._finish(row, reason)
+                if reason != "failed":
+                    self._finish(row, reason)
             self._keep([i for i in range(len(self._running)) if i not in gone])
 
     def _push(self, row: _Row, token: int) -> str | None:
@@ -695,20 +894,28 @@ def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def _sample(logits: torch.Tensor, requests: list[GenerationRequest], generators: list) -> list[int]:
-    """Each row's next token: greedy, or temperature and nucleus (top-p) sampling from its own generator."""
-    out = logits.argmax(-1).tolist()
-    for i, (request, generator) in enumerate(zip(requests, generators, strict=True)):
-        if request.temperature <= 0:
-            continue
-        probs = (logits[i].float() / request.temperature).softmax(-1)
-        if request.top_p < 1.0:
-            ordered, order = probs.sort(descending=True)
-            outside = ordered.cumsum(-1) - ordered >= request.top_p  # keep the smallest head reaching top_p
-            ordered = ordered.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, ordered)
-        out[i] = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-    return out
+def _sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None) -> int:
+    """One row's next token by temperature and nucleus (top-p) sampling from its own generator, safe for
+    every accepted setting: in float64, shifted so the largest logit is 0 before dividing (no overflow,
+    however small the temperature), and the most likely token always stays in the nucleus (however
+    small top_p)."""
+    logits = logits.double()
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise RequestError("the tuning's scores for the next token are not all numbers (NaN or infinity); it cannot be "
+                           "sampled from")
+    probs = ((logits - logits.max()) / request.temperature).softmax(-1)
+    if request.top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        outside = ordered.cumsum(-1) - ordered >= request.top_p  # keep the smallest head reaching top_p
+        outside[0] = False
+        probs = torch.zeros_like(probs).scatter(0, order, ordered.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """Characters of the tokenizer's longest token (at least 1)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max((len(token) for token in vocab), default=16) or 1
 
 
 def _unwrap(item: tuple):

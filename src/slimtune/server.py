@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -55,16 +56,22 @@ from prometheus_client import Counter as PromCounter
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import storage
 from .engine import Completion, Engine, EngineClosedError, GenerationRequest, RequestError
 from .errors import ModelMismatchError, TuningError, UnknownUserError
 from .keys import ADMIN, Caller, KeyRing
 from .store import Store
 
+log = logging.getLogger("slimtune.server")
+
+# The HTTP layer's own limits (the shape of a request); the values inside a request are the engine's to check.
 MAX_BODY = 16 * 2**20  # bytes of a JSON request
 MAX_UPLOAD = 512 * 2**20  # bytes of an uploaded tuning (a prefix tuning's MLP can be large)
 MAX_PROMPTS = 128  # prompts in one completions request
-MAX_INPUTS = 256  # texts in one classify request
-MAX_STOP = 4  # stop strings, as OpenAI
+MAX_MESSAGES = 2048  # messages in one chat request
+MAX_TUNINGS_PER_KEY = 100
+MAX_BYTES_PER_KEY = 2 * 2**30  # of tensors stored, over all of a key's tunings
+UPLOADS_AT_ONCE = 2  # an upload costs a few times its size in memory while it is checked
 TUNING_FILES = {"slimtune.json", "tuning.safetensors", "adapter_config.json", "adapter_model.safetensors"}
 TUNING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # leaves room for the owner's id in the store's 128
 
@@ -95,6 +102,15 @@ class BodyTooLarge(Exception):
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def quota_exceeded(message: str) -> APIError:
+    return APIError(403, message, param="files", code="quota_exceeded")
+
+
+def revoked() -> APIError:
+    return APIError(401, "Your API key was revoked while the upload was in progress; nothing was stored.",
+                    code="invalid_api_key")
 
 
 def unknown_model(model: Any, param: str = "model") -> APIError:
@@ -399,10 +415,14 @@ class Prepared:
 class Service:
     """What the routes do; `create_app` wires it to HTTP."""
 
-    def __init__(self, engine: Engine, store: Store, keys: KeyRing, base_name: str):
+    def __init__(self, engine: Engine, store: Store, keys: KeyRing, base_name: str, *,
+                 max_tunings: int = MAX_TUNINGS_PER_KEY, max_bytes: int = MAX_BYTES_PER_KEY):
         if not base_name:
             raise ValueError("base_name must name the base model (e.g. 'smollm2-135m')")
         self.engine, self.store, self.keys, self.base_name = engine, store, keys, base_name
+        self.max_tunings, self.max_bytes = max_tunings, max_bytes
+        self.uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
+        self._uploading: set[str] = set()  # keys with an upload in progress
         self.traffic = Traffic()
         self.metrics = Metrics(engine)
         self.started = int(time.time())
@@ -473,9 +493,13 @@ class Service:
             raise APIError(400, f"{option} is not supported by this server; leave it unset.", param=option,
                            code="unsupported_parameter")
         options = sampling_options(body)
-        prompts = self.chat_prompt(body.messages) if chat else self.completion_prompts(body.prompt)
-        requested = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
-        param = ("max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens") if chat else "max_tokens"
+        if chat:
+            prompts = await asyncio.to_thread(self.chat_prompt, body.messages)  # templating and tokenising: off the loop
+        else:
+            prompts = await asyncio.to_thread(self.completion_prompts, body.prompt)
+        chosen = body.max_completion_tokens if chat and body.max_completion_tokens is not None else None
+        requested = chosen if chosen is not None else body.max_tokens
+        param = "max_completion_tokens" if chosen is not None else "max_tokens"
         user = await self.hold(caller, body.model, len(prompts))
         try:
             virtual = self.engine.virtual_tokens(user)
@@ -499,6 +523,8 @@ class Service:
                            param="prompt")
         if len(batch) > MAX_PROMPTS:
             raise APIError(400, f"prompt holds {len(batch)} prompts; at most {MAX_PROMPTS} per request.", param="prompt")
+        for p in batch:
+            self.check_length(len(p) if isinstance(p, str) else 0, "prompt")
         prompts = [self.engine.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in batch]
         vocab = len(self.engine.tokenizer)
         for ids in prompts:
@@ -517,7 +543,11 @@ class Service:
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, f"The base model '{self.base_name}' has no chat template; use /v1/completions.",
                            param="messages")
+        if len(messages) > MAX_MESSAGES:
+            raise APIError(400, f"messages holds {len(messages)} messages; at most {MAX_MESSAGES} per request.",
+                           param="messages")
         plain = [{"role": m.role, "content": message_text(m, i)} for i, m in enumerate(messages)]
+        self.check_length(sum(len(m["role"]) + len(m["content"]) for m in plain), "messages")
         try:
             text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # jinja's errors, e.g. a template that wants alternating roles
@@ -526,6 +556,13 @@ class Service:
         if not ids:
             raise APIError(400, "The conversation is empty once templated.", param="messages")
         return [ids]
+
+    def check_length(self, characters: int, param: str) -> None:
+        """Refuse text that could not fit the context before tokenising it (no token is longer than the longest)."""
+        if characters > self.engine.max_prompt_chars:
+            raise APIError(400, f"This model's maximum context length is {self.engine.max_length} tokens, and your "
+                                f"{param} has {characters} characters, more than that many tokens could hold. Please "
+                                "reduce the length of the prompt.", param=param, code="context_length_exceeded")
 
     def max_tokens(self, requested: int | None, used: int, chat: bool, param: str) -> int:
         """`max_tokens` checked against the context; its default: 16 (completions) or the rest of the context (chat)."""
@@ -638,8 +675,6 @@ class Service:
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         if not texts:
             raise APIError(400, "inputs is empty: give a string or a list of strings.", param="inputs")
-        if len(texts) > MAX_INPUTS:
-            raise APIError(400, f"inputs holds {len(texts)} texts; at most {MAX_INPUTS} per request.", param="inputs")
         user = await self.hold(caller, body.model)
         try:
             if user is None:
@@ -691,11 +726,25 @@ class Service:
         return tuning_card(self.store.entry(stored), name)
 
     async def upload(self, request: Request, caller: Caller) -> JSONResponse:
-        """Store an uploaded tuning under the caller's name for it; nothing changes unless it is valid."""
+        """Store an uploaded tuning under the caller's name for it; nothing changes unless it is valid.
+
+        The tuning is loaded against the served model before it is stored (every site and shape, its
+        patterns resolved into module names, its task checked), so what is stored loads; a key has
+        one upload checked at a time, the server `UPLOADS_AT_ONCE`."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise APIError(400, "Upload a tuning as multipart/form-data: a field 'name' and the tuning's files as "
                                 "'files' (slimtune.json + tuning.safetensors, or adapter_config.json + "
                                 "adapter_model.safetensors).", param="files")
+        if caller.id in self._uploading:
+            raise APIError(429, "You have an upload in progress; send the next one when it is done.",
+                           code="upload_in_progress", type="rate_limit_error")
+        self._uploading.add(caller.id)
+        try:
+            return await self._upload(request, caller)
+        finally:
+            self._uploading.discard(caller.id)
+
+    async def _upload(self, request: Request, caller: Caller) -> JSONResponse:
         try:
             form = await request.form(max_files=4, max_fields=8)
         except BodyTooLarge:
@@ -713,22 +762,45 @@ class Service:
         finally:
             await form.close()
         try:
-            async with self.traffic.change(stored):
+            async with self.uploads, self.traffic.change(stored):
                 if stored in self.store and not replace:
                     raise APIError(409, f"You already have a tuning named '{name}'; delete it first or upload with "
                                         "replace=true.", param="name", code="tuning_exists")
-                try:
-                    entry = await asyncio.to_thread(self.store.add, stored, folder, task, replace)
-                except ModelMismatchError as err:
-                    raise APIError(400, f"The tuning was made for another base model than '{self.base_name}': "
-                                        f"{scrub(err, folder)}", param="files", code="model_mismatch") from err
-                except (TuningError, ValueError, KeyError) as err:
-                    raise APIError(400, f"The upload is not a valid tuning: {scrub(err, folder)}", param="files",
-                                   code="invalid_tuning") from err
+                others = [entry for own, entry in self.own_entries(caller) if own != name]
+                if len(others) >= self.max_tunings:
+                    raise quota_exceeded(f"You have {len(others)} tunings, the most a key may keep; delete one first.")
+                record, tensors = await self.checked(folder, task)
+                size = sum(t.numel() * t.element_size() for t in tensors.values())
+                if sum(entry.bytes for entry in others) + size > self.max_bytes:
+                    raise quota_exceeded(f"This tuning's {size} bytes would take your tunings past the {self.max_bytes} "
+                                         "bytes a key may keep; delete some first.")
+                if not self.still_valid(caller):
+                    raise revoked()
+                entry = await asyncio.to_thread(self.store.add, stored, (record, tensors), None, replace)
+                if not self.still_valid(caller):  # revoked while it was being stored: the revocation wins
+                    await self.forget(stored)
+                    raise revoked()
                 await asyncio.to_thread(self.engine.remove, stored)  # a replaced tuning must be reloaded
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return JSONResponse(tuning_card(entry, name), 201)
+
+    async def checked(self, folder: Path, task: dict | None) -> tuple[dict, dict]:
+        """The upload loaded against the served model (`Engine.check`), its errors as 400s without server paths."""
+        try:
+            return await asyncio.to_thread(self.engine.check, folder, task)
+        except RequestError as err:
+            raise APIError(400, f"{scrub(err, folder, self.store.path)}.", param=err.param or "task",
+                           code="invalid_task") from err
+        except ModelMismatchError as err:
+            raise APIError(400, f"The tuning was made for another base model than '{self.base_name}': "
+                                f"{scrub(err, folder, self.store.path)}", param="files", code="model_mismatch") from err
+        except (TuningError, ValueError, KeyError) as err:
+            raise APIError(400, f"The upload is not a valid tuning: {scrub(err, folder, self.store.path)}", param="files",
+                           code="invalid_tuning") from err
+
+    def still_valid(self, caller: Caller) -> bool:
+        return caller.admin or caller.id in self.keys
 
     async def receive_files(self, files: list) -> Path:
         """The uploaded files in a private folder (inside the store: same filesystem, private to this server)."""
@@ -805,23 +877,16 @@ class Service:
 
 
 def sampling_options(body: _Sampling) -> dict:
-    """temperature, top_p, seed and stop checked as OpenAI does (temperature defaults to 1, as there)."""
-    temperature = 1.0 if body.temperature is None else body.temperature
-    top_p = 1.0 if body.top_p is None else body.top_p
-    if not 0.0 <= temperature <= 2.0:
-        raise APIError(400, f"temperature must be between 0 and 2, got {temperature}.", param="temperature",
-                       code="invalid_value")
-    if not 0.0 <= top_p <= 1.0:
-        raise APIError(400, f"top_p must be between 0 and 1, got {top_p}.", param="top_p", code="invalid_value")
-    if top_p == 0.0:  # only the most likely token is left: greedy
-        temperature, top_p = 0.0, 1.0
-    if body.seed is not None and not -(2**63) <= body.seed < 2**64:
-        raise APIError(400, f"seed must fit in 64 bits, got {body.seed}.", param="seed", code="invalid_value")
+    """temperature, top_p, seed and stop with OpenAI's defaults (temperature 1), checked by the engine's rules."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > MAX_STOP or any(not s for s in stop):
-        raise APIError(400, f"stop must be at most {MAX_STOP} non-empty strings, got {stop!r}.", param="stop",
-                       code="invalid_value")
-    return {"temperature": float(temperature), "top_p": float(top_p), "seed": body.seed, "stop": stop}
+    request = GenerationRequest(None, [], temperature=1.0 if body.temperature is None else body.temperature,
+                                top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stop)
+    try:
+        request.check()
+    except RequestError as err:
+        raise APIError(400, f"{err}.", param=err.param, code="invalid_value") from None
+    return {"temperature": float(request.temperature), "top_p": float(request.top_p), "seed": request.seed,
+            "stop": request.stop}
 
 
 def message_text(message: Message, index: int) -> str:
@@ -849,18 +914,30 @@ def upload_fields(form) -> tuple[str, bool, dict | None]:
     task = None
     if task_field is not None:
         try:
-            task = json.loads(task_field) if isinstance(task_field, str) else None
-        except json.JSONDecodeError:
-            task = None
+            task = storage.load_json(task_field, "the task field") if isinstance(task_field, str) else None
+        except TuningError as err:
+            raise APIError(400, f"{err}; expected a JSON object, e.g. {{\"kind\": \"classification\", \"labels\": "
+                                "[...]}.", param="task", code="invalid_task") from None
         if not isinstance(task, dict):
             raise APIError(400, "task must be a JSON object, e.g. {\"kind\": \"classification\", \"labels\": [...]}.",
-                           param="task")
+                           param="task", code="invalid_task")
     return name, replace_field.lower() in ("true", "1"), task
 
 
-def scrub(err: Exception, folder: Path) -> str:
-    """An error's message without the server's private upload folder in it."""
-    return str(err).replace(str(folder), "the upload")
+def scrub(err: Exception, *folders: Path) -> str:
+    """An error's message without the server's own paths (the store, a private upload folder) in it."""
+    message = str(err)
+    for folder in folders:
+        message = message.replace(str(folder), "the upload" if folder.name.startswith(".upload-") else "the store")
+    return message
+
+
+def internal_error(err: BaseException, what: str) -> APIError:
+    """A 500 that says nothing of the server's insides: the details go to the log, under an id the client can quote."""
+    request_id = f"req-{secrets.token_hex(8)}"
+    log.error("%s failed (%s): %s: %s", what, request_id, type(err).__name__, err, exc_info=err)
+    return APIError(500, f"The server had an internal error while processing your request; quote the request id "
+                         f"{request_id} if you report it.", type="server_error", code="internal_error")
 
 
 def tuning_card(entry, name: str) -> dict:
@@ -875,11 +952,11 @@ def engine_error(err: BaseException, model: str) -> BaseException:
     if isinstance(err, UnknownUserError):
         return unknown_model(model)
     if isinstance(err, RequestError):
-        return APIError(400, str(err))
+        return APIError(400, f"{err}.", param=err.param, code="invalid_value")
     if isinstance(err, EngineClosedError):
         return APIError(503, "The server is shutting down and takes no new requests.", type="server_error")
     if isinstance(err, Exception):
-        return APIError(500, f"The engine failed: {type(err).__name__}: {err}", type="server_error")
+        return internal_error(err, f"a request for '{str(model)[:100]}'")
     return err  # CancelledError and friends pass through
 
 
@@ -944,10 +1021,11 @@ async def watch_disconnect(request: Request, runs: list[Run]) -> None:
 
 
 def create_app(engine: Engine, store: Store, keys: KeyRing, base_name: str, *, max_body: int = MAX_BODY,
-               max_upload: int = MAX_UPLOAD) -> FastAPI:
+               max_upload: int = MAX_UPLOAD, max_tunings_per_key: int = MAX_TUNINGS_PER_KEY,
+               max_bytes_per_key: int = MAX_BYTES_PER_KEY) -> FastAPI:
     """The HTTP app over `engine` (whose tunings come from `store`). Its shutdown closes the engine,
     after finishing the generations in flight."""
-    service = Service(engine, store, keys, base_name)
+    service = Service(engine, store, keys, base_name, max_tunings=max_tunings_per_key, max_bytes=max_bytes_per_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -986,7 +1064,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):
-        return JSONResponse(error_body(f"Internal error: {type(err).__name__}: {err}", "server_error"), 500)
+        return internal_error(err, f"{request.method} {request.url.path}").response()
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
@@ -1084,7 +1162,8 @@ def base_name_of(model: str) -> str:
 
 def serve(model: str = "smollm2-135m", store: str | os.PathLike = "slimtune-store", host: str = "127.0.0.1",
           port: int = 8000, admin_key_file: str | os.PathLike | None = None, max_resident: int = 64,
-          max_batch: int = 32, log_level: str = "info") -> None:
+          max_batch: int = 32, max_tunings_per_key: int = MAX_TUNINGS_PER_KEY,
+          max_bytes_per_key: int = MAX_BYTES_PER_KEY, log_level: str = "info") -> None:
     """Open the model and the store, and serve until interrupted (Ctrl-C finishes in-flight requests)."""
     import torch
     import uvicorn
@@ -1099,7 +1178,8 @@ def serve(model: str = "smollm2-135m", store: str | os.PathLike = "slimtune-stor
     tunings = Store(store, base)
     keys = KeyRing(tunings.path / "keys.json", admin_key)
     engine = Engine(base, tokenizer, tunings, max_resident=max_resident, max_batch=max_batch)
-    app = create_app(engine, tunings, keys, base_name_of(model))
+    app = create_app(engine, tunings, keys, base_name_of(model), max_tunings_per_key=max_tunings_per_key,
+                     max_bytes_per_key=max_bytes_per_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
 
 

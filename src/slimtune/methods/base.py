@@ -26,9 +26,15 @@ class Method:
 
     kind: ClassVar[str] = ""
     component: ClassVar[type[Component]]
+    # True for a method whose tuning is the model's own weights (full fine-tuning): it cannot share a model.
+    writes_base: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def resolve(self, model: nn.Module) -> Method:
+        """This method with its module patterns replaced by the explicit module names they select on `model`."""
+        return self
 
 
 @dataclass

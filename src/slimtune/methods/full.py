@@ -22,6 +22,7 @@ class FullFineTuning(Method):
     """Train every weight of the model (in place)."""
 
     kind = "full"
+    writes_base = True
 
 
 class FullComponent(Component):
@@ -32,19 +33,19 @@ class FullComponent(Component):
         return nn.Module()
 
     def from_state(self, method: FullFineTuning, state: dict[str, torch.Tensor]) -> nn.Module:
+        # Everything is checked before the first weight is written: a refused state leaves the model as it was.
         own = self.model.state_dict()
+        tied = self._aliases()
+        missing = [n for n in own if n not in state and n not in tied]
+        unexpected = [n for n in state if n not in own]
+        if missing or unexpected:
+            raise ModelMismatchError(f"full fine-tune does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         for name, tensor in state.items():
-            if name in own and own[name].shape != tensor.shape:
+            if own[name].shape != tensor.shape:
                 raise ModelMismatchError(
                     f"full fine-tune: weight {name!r} has shape {tuple(tensor.shape)}, this model needs {tuple(own[name].shape)}"
                 )
-        result = self.model.load_state_dict(state, strict=False)
-        tied = self._aliases()
-        missing = [n for n in result.missing_keys if n not in tied]
-        if missing or result.unexpected_keys:
-            raise ModelMismatchError(
-                f"full fine-tune does not fit this model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
-            )
+        self.model.load_state_dict(state, strict=False)
         return self.build(method, InitContext())
 
     def _aliases(self) -> set[str]:
