@@ -1,0 +1,131 @@
+"""The server's side of tenant isolation: what one key sends can fail only that key's request, and no answer
+tells anything of another key or of the server's insides."""
+
+import threading
+
+import httpx
+
+from test_server import ADMIN, auth, new_key, save_tuning, server, snapshot, upload
+
+
+def in_thread(function):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(function()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+class Gate:
+    """Replaces `owner.name` with a version that waits until opened (at most 30 s), then runs the original."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name, self.original = owner, name, getattr(owner, name)
+        self.entered, self.open = threading.Event(), threading.Event()
+
+        def gated(*args, **kwargs):
+            self.entered.set()
+            self.open.wait(30)
+            return self.original(*args, **kwargs)
+
+        setattr(owner, name, gated)
+
+    def restore(self):
+        self.open.set()
+        setattr(self.owner, self.name, self.original)
+
+
+def test_a_key_revoked_while_its_upload_is_stored_ends_with_nothing_stored(tmp_path):
+    with server(tmp_path) as s:
+        carol = new_key(s.http, "carol")
+        folder = save_tuning(tmp_path / "t", "lora", seed=4)
+        gate = Gate(s.store, "add")
+        try:
+            thread, out = in_thread(lambda: upload(httpx.Client(base_url=s.url, timeout=60), carol["key"], "late", folder))
+            assert gate.entered.wait(30)
+            assert s.http.delete(f"/v1/keys/{carol['id']}", headers=auth(ADMIN)).status_code == 200
+            gate.open.set()
+            thread.join(60)
+        finally:
+            gate.restore()
+        assert out[0].status_code == 401
+        assert f"{carol['id']}.late" not in s.store
+        assert not [n for n in s.store.names() if n.startswith(carol["id"])]
+
+
+def test_errors_name_no_server_path_and_a_500_names_only_a_request_id(tmp_path):
+    with server(tmp_path) as s:
+        alice = new_key(s.http, "alice")
+        other_model = save_tuning(tmp_path / "other", "lora", model_seed=1)  # same architecture, other weights
+        refused = upload(s.http, alice["key"], "other", other_model)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_mismatch"
+        assert str(s.store.path) not in refused.text and str(tmp_path) not in refused.text
+
+        def broken(*args, **kwargs):
+            raise RuntimeError(f"secret detail at {s.store.path}")
+
+        original, s.engine.submit = s.engine.submit, broken
+        try:
+            failed = s.http.post("/v1/completions", headers=auth(alice["key"]),
+                                 json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 2})
+        finally:
+            s.engine.submit = original
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert "req-" in error["message"] and "secret" not in failed.text and str(tmp_path) not in failed.text
+        assert error["type"] == "server_error"
+
+
+def test_prompts_are_tokenised_off_the_event_loop_and_too_long_ones_are_refused_untokenised(tmp_path):
+    with server(tmp_path) as s:
+        key = new_key(s.http)["key"]
+        tokenizer = type(s.engine.tokenizer)
+        seen = []
+        original = tokenizer.__call__
+
+        def watched(self, text, *args, **kwargs):
+            seen.append((threading.current_thread().name, len(text) if isinstance(text, str) else None))
+            return original(self, text, *args, **kwargs)
+
+        tokenizer.__call__ = watched
+        try:
+            ok = s.http.post("/v1/completions", headers=auth(key), json={"model": "tiny-llama", "prompt": "hello world",
+                                                                         "max_tokens": 2, "temperature": 0})
+            chat = s.http.post("/v1/chat/completions", headers=auth(key),
+                               json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hello"}],
+                                     "max_tokens": 2, "temperature": 0})
+            huge = "hello " * (s.engine.max_prompt_chars // 6 + 1)
+            long = s.http.post("/v1/completions", headers=auth(key), json={"model": "tiny-llama", "prompt": huge})
+        finally:
+            tokenizer.__call__ = original
+        assert ok.status_code == 200 and chat.status_code == 200
+        assert seen and all(name != "slimtune-server" for name, _ in seen)  # the thread that runs the event loop
+        assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+        assert all(n is None or n < len(huge) for _, n in seen)
+
+
+def test_a_key_keeps_at_most_its_quota_and_checks_one_upload_at_a_time(tmp_path):
+    with server(tmp_path) as s:
+        s.service.max_tunings = 2
+        key = new_key(s.http)["key"]
+        folders = [save_tuning(tmp_path / f"t{i}", "lora", seed=i) for i in range(3)]
+        assert upload(s.http, key, "a", folders[0]).status_code == 201
+        assert upload(s.http, key, "b", folders[1]).status_code == 201
+        before = snapshot(s.store)
+        third = upload(s.http, key, "c", folders[2])
+        assert third.status_code == 403 and third.json()["error"]["code"] == "quota_exceeded"
+        assert snapshot(s.store) == before
+        assert upload(s.http, key, "b", folders[2], replace="true").status_code == 201  # replacing stays within it
+        s.service.max_bytes = 1
+        assert upload(s.http, key, "a", folders[1], replace="true").json()["error"]["code"] == "quota_exceeded"
+        s.service.max_bytes = 2**30
+        gate = Gate(s.engine, "check")
+        try:
+            thread, out = in_thread(lambda: upload(httpx.Client(base_url=s.url, timeout=60), key, "a", folders[2],
+                                                   replace="true"))
+            assert gate.entered.wait(30)
+            second = upload(s.http, key, "b", folders[0], replace="true")
+            gate.open.set()
+            thread.join(60)
+        finally:
+            gate.restore()
+        assert second.status_code == 429 and out[0].status_code == 201
