@@ -4,14 +4,21 @@ Names are the one thing every architecture has in common, so methods attach thro
 hooks on named modules instead of per-architecture model classes. Each default below is a list
 of naming conventions tried in order; the first that matches the model wins, and a user can
 always pass their own patterns.
+
+A pattern is PEFT's `target_modules`: a string is a regular expression for the whole module name,
+a list holds module names or name suffixes. Patterns come from users (and through the server from
+anyone), so regular expressions run on RE2, whose matching time is linear in the name. Python's
+`re` backtracks: a nested repetition such as `([\\w.]+)+!` doubles its time with each character
+of a module name, an hour on one of BERT's.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import re2
 import torch
 from torch import nn
 
@@ -56,12 +63,60 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return module.weight.shape[0], module.weight.shape[1]
 
 
-def matches(name: str, patterns: str | Sequence[str]) -> bool:
-    """PEFT's convention: a string is a regular expression for the whole name; a list holds
-    module names or name suffixes (`"q_proj"` matches `model.layers.0.self_attn.q_proj`)."""
+# Far longer than any pattern written by hand. RE2 bounds a compiled pattern's memory itself; this
+# keeps compiling cheap and error messages short.
+MAX_PATTERN_CHARS = 1000
+PATTERN_SYNTAX = "patterns use RE2 syntax (Python's re without backreferences or lookaround)"
+
+
+# Each compiled pattern holds up to RE2's 8 MiB default: a small cache keeps the few patterns in use.
+@functools.lru_cache(maxsize=64)
+def _compile(pattern: str):
+    options = re2.Options()
+    options.log_errors = False  # the error is raised, not also printed to stderr
+    return re2.compile(pattern, options)
+
+
+def compile_pattern(pattern: str, what: str = "module pattern") -> Callable[[str], bool]:
+    """Whether a name fully matches `pattern` (compiled by RE2 once), or a TuningError naming `what`
+    and saying why the pattern is refused."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise TuningError(
+            f"{what} {pattern[:40]!r}... is {len(pattern)} characters long; a pattern is at most {MAX_PATTERN_CHARS}"
+        )
+    try:
+        compiled = _compile(pattern)
+    except re2.error as err:
+        reason = err.args[0].decode(errors="replace") if err.args and isinstance(err.args[0], bytes) else str(err)
+        raise TuningError(f"{what} {pattern!r} is not a valid pattern: {reason} — {PATTERN_SYNTAX}") from None
+    return lambda name: compiled.fullmatch(name) is not None
+
+
+def check_patterns(patterns: object, what: str) -> str | tuple[str, ...] | None:
+    """`patterns` as a method holds them: None, a valid pattern string, or a tuple of names (from any
+    sequence, e.g. a JSON list); anything else is a TuningError naming `what`."""
+    if patterns is None:
+        return None
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+        compile_pattern(patterns, what)
+        return patterns
+    if isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns):
+        return tuple(patterns)
+    raise TuningError(
+        f"{what} must be a regular expression (a string) or a list of module names or name suffixes, "
+        f"got {_short(patterns)}"
+    )
+
+
+def matcher(patterns: str | Sequence[str], what: str = "module pattern") -> Callable[[str], bool]:
+    """Whether a module name is selected by `patterns`, PEFT's convention: a string is a regular
+    expression for the whole name; a list holds module names or name suffixes (`"q_proj"` matches
+    `model.layers.0.self_attn.q_proj`). A list is looked up by the name's dotted suffixes, so a long
+    list costs no more per name than a short one."""
+    if isinstance(patterns, str):
+        return compile_pattern(patterns, what)
+    wanted = frozenset(patterns)
+    return lambda name: name in wanted or any(name[i + 1:] in wanted for i, c in enumerate(name) if c == ".")
 
 
 def head_names(model: nn.Module) -> list[str]:
@@ -81,8 +136,34 @@ def body_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and not in_head(n, heads)]
 
 
-def find_linears(model: nn.Module, patterns: str | Sequence[str]) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in body_modules(model) if is_linear(m) and matches(n, patterns)]
+def find_linears(
+    model: nn.Module, patterns: str | Sequence[str], what: str = "module pattern"
+) -> list[tuple[str, nn.Module]]:
+    """The linear layers outside any task head that `patterns` select, in the model's order."""
+    found = body_modules(model)
+    if not isinstance(patterns, str) and len(patterns) > len(found):
+        raise TuningError(
+            f"{what} lists {len(patterns)} module names, more than the {len(found)} modules of "
+            f"{type(model).__name__}; list some of its modules, or give a regular expression"
+        )
+    selected = matcher(patterns, what)
+    return [(n, m) for n, m in found if is_linear(m) and selected(n)]
+
+
+def explicit_names(model: nn.Module, names: Sequence[str], what: str) -> tuple[str, ...]:
+    """`names`, full names of linear layers that a method's patterns selected on `model`, as the patterns
+    to store in their place. A listed name also matches as a suffix, so a model where another linear
+    layer's name ends with one of them (`encoder.block.0.fc` beside `block.0.fc`) is refused: there, no
+    list of names selects the same layers."""
+    out, listed = tuple(names), set(names)
+    extra = [n for n, _ in find_linears(model, out, what) if n not in listed]
+    if extra:
+        owner = next(n for n in out if extra[0].endswith("." + n))
+        raise TuningError(
+            f"{what} cannot be stored as module names on {type(model).__name__}: the name {owner!r} also "
+            f"selects {extra[0]!r}; a list of names selects each name and every module whose name ends with it"
+        )
+    return out
 
 
 def first_matching(model: nn.Module, candidates: Sequence, finder) -> tuple:
@@ -97,10 +178,17 @@ def describe_linears(model: nn.Module, limit: int = 8) -> str:
     return ", ".join(suffixes[:limit]) + (", ..." if len(suffixes) > limit else "")
 
 
+def _short(patterns: object) -> str:
+    """A pattern or list for an error message: a list of hundreds of names is cut short."""
+    if isinstance(patterns, (list, tuple)) and len(patterns) > 4:
+        return f"{list(patterns[:3])!r} and {len(patterns) - 3} more"
+    return repr(patterns)[:200]
+
+
 def require(found: list, what: str, model: nn.Module, patterns) -> list:
     if not found:
         raise TuningError(
-            f"{what} {patterns!r} matches no linear layer of {type(model).__name__}; "
+            f"{what} {_short(patterns)} matches no linear layer of {type(model).__name__}; "
             f"its linear layers end in: {describe_linears(model)}"
         )
     return found

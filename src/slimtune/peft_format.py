@@ -22,7 +22,6 @@ The three forms, PEFT's on the left:
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -99,10 +98,7 @@ def read(path: str | os.PathLike, model: nn.Module) -> tuple[Method, dict[str, t
 
 
 def _read_config(folder: Path) -> dict:
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TuningFileError(f"'{folder / CONFIG}' is not valid JSON ({err})") from err
+    config = storage.load_json((folder / CONFIG).read_bytes(), f"'{folder / CONFIG}'")
     if not isinstance(config, dict):
         raise TuningFileError(f"'{folder / CONFIG}' is not a PEFT config (expected a JSON object)")
     return config
@@ -216,7 +212,7 @@ def _read_lora(config: dict, tensors: dict, model: nn.Module, folder: Path) -> t
             )
     names = [name for name in present if name in weights]  # the model's order
     method = LoRA(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout") or 0.0),
-                  targets=_lora_targets(model, config.get("target_modules"), names))
+                  targets=_lora_targets(model, config.get("target_modules"), names, folder))
     state = {}
     for name in names:
         state[f"{name}.lora_A"] = weights[name]["lora_A"]
@@ -271,13 +267,15 @@ def _lora_weights(tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, d
     return out
 
 
-def _lora_targets(model: nn.Module, target_modules, names: list[str]) -> tuple[str, ...] | str:
+def _lora_targets(model: nn.Module, target_modules, names: list[str], folder: Path) -> tuple[str, ...] | str:
     """PEFT's own target_modules when, on this model, they pick exactly the layers that have weights
     (same matching rule as slimtune's), else the layers' full names (exclude_modules and
     layers_to_transform narrow PEFT's choice in ways target_modules alone does not say)."""
-    if isinstance(target_modules, (list, tuple, str)) and target_modules:
-        candidate = target_modules if isinstance(target_modules, str) else tuple(sorted(target_modules))
-        if [n for n, _ in modules.find_linears(model, candidate)] == names:
+    what = f"'{folder}': PEFT target_modules"
+    candidate = modules.check_patterns(target_modules, what)  # a string is matched by RE2, as slimtune's own
+    if candidate:
+        candidate = candidate if isinstance(candidate, str) else tuple(sorted(candidate))  # PEFT's set, in any order
+        if [n for n, _ in modules.find_linears(model, candidate, what)] == names:
             return candidate
     return tuple(names)
 
@@ -354,7 +352,7 @@ def _peft_targets(model: nn.Module, targets, names: list[str]) -> list[str] | st
     ones, so slimtune's own patterns (or the layers' last names) are kept only when they pick nothing else."""
     every = [n for n, _ in model.named_modules() if n]
     for candidate in (targets, sorted({n.rsplit(".", 1)[-1] for n in names})):
-        if candidate and sorted(n for n in every if modules.matches(n, candidate)) == sorted(names):
+        if candidate and sorted(filter(modules.matcher(candidate), every)) == sorted(names):
             return candidate if isinstance(candidate, str) else list(candidate)
     return list(names)
 

@@ -5,11 +5,13 @@
 applied to the output of the attention block and of the feed-forward block (`"houlsby"`), or of
 the feed-forward block only (`"pfeiffer"`), before the residual connection and layer norm. With
 W_up = 0 the adapted model starts identical to the frozen one. The sites are found by module
-name (see `modules.DEFAULT_ADAPTER_SITES`), or given as regular expressions.
+name (see `modules.DEFAULT_ADAPTER_SITES`), or given as regular expressions or lists of module
+names (see `modules.matcher`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -31,8 +33,8 @@ class Adapter(Method):
     size: int = 64
     placement: str = "houlsby"
     activation: str = "relu"
-    attention_output: str | None = None  # regex of the attention blocks' output layers
-    ffn_output: str | None = None  # regex of the feed-forward blocks' output layers
+    attention_output: str | tuple[str, ...] | None = None  # the attention blocks' output layers
+    ffn_output: str | tuple[str, ...] | None = None  # the feed-forward blocks' output layers
 
     def __post_init__(self):
         if self.size < 1:
@@ -41,6 +43,48 @@ class Adapter(Method):
             raise TuningError(f"Adapter placement must be 'houlsby' or 'pfeiffer', got {self.placement!r}")
         if self.activation not in ACTIVATIONS:
             raise TuningError(f"Adapter activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        for field in ("attention_output", "ffn_output"):
+            object.__setattr__(self, field, modules.check_patterns(getattr(self, field), f"Adapter {field}"))
+
+    def resolve(self, model: nn.Module) -> Adapter:
+        """This Adapter with its sites as the full names of the layers they select (the default sites if
+        None); a pfeiffer adapter's attention_output, which it does not use, becomes None."""
+        found = adapter_layers(model, self)
+        names = {field: modules.explicit_names(model, [n for n, _ in layers], f"Adapter {field}")
+                 for field, layers in found.items()}
+        return dataclasses.replace(self, ffn_output=names["ffn_output"], attention_output=names.get("attention_output"))
+
+
+def adapter_layers(model: nn.Module, method: Adapter) -> dict[str, list[tuple[str, nn.Module]]]:
+    """The layers an adapter follows, by the field that selects them: ffn_output, and attention_output
+    for houlsby; a field that is None takes the model's default sites."""
+    wanted = {"ffn_output": (method.ffn_output, 1)}
+    if method.placement == "houlsby":
+        wanted["attention_output"] = (method.attention_output, 0)
+    default: tuple = ()
+    out = {}
+    for field, (patterns, index) in wanted.items():
+        if patterns is None:
+            default = default or modules.first_matching(
+                model, modules.DEFAULT_ADAPTER_SITES,
+                lambda m, pair: modules.find_linears(m, pair[0]) and modules.find_linears(m, pair[1]),
+            )
+            if not default:
+                raise TuningError(
+                    f"Adapter does not know where the attention and feed-forward blocks of "
+                    f"{type(model).__name__} end; pass attention_output= and ffn_output= as regular "
+                    f"expressions or module names of its linear layers ({modules.describe_linears(model)})"
+                )
+            patterns = default[index]
+        what = f"Adapter {field}"
+        out[field] = modules.require(modules.find_linears(model, patterns, what), what, model, patterns)
+    return out
+
+
+def adapter_sites(model: nn.Module, method: Adapter) -> dict[str, int]:
+    """{full name: width} of the layers `method` puts an adapter after, in the model's order."""
+    found = {name: m for layers in adapter_layers(model, method).values() for name, m in layers}
+    return {name: modules.linear_features(m)[1] for name, m in model.named_modules() if name in found}
 
 
 class Bottleneck(nn.Module):
@@ -88,32 +132,8 @@ class AdapterComponent(SiteComponent):
         mid = act(torch.baddbmm(down_b[:, None], x, down_w.transpose(1, 2)))
         return torch.baddbmm(up_b[:, None], mid, up_w.transpose(1, 2)).reshape(h.shape)
 
-    def sites(self, method: Adapter) -> dict[str, int]:
-        attention, ffn = method.attention_output, method.ffn_output
-        if attention is None or ffn is None:
-            default = modules.first_matching(
-                self.model, modules.DEFAULT_ADAPTER_SITES,
-                lambda m, pair: modules.find_linears(m, pair[0]) and modules.find_linears(m, pair[1]),
-            )
-            if not default:
-                raise TuningError(
-                    f"Adapter does not know where the attention and feed-forward blocks of "
-                    f"{type(self.model).__name__} end; pass attention_output= and ffn_output= as regular "
-                    f"expressions over its linear layers ({modules.describe_linears(self.model)})"
-                )
-            attention = attention or default[0]
-            ffn = ffn or default[1]
-        found = modules.require(modules.find_linears(self.model, ffn), "Adapter ffn_output", self.model, ffn)
-        if method.placement == "houlsby":
-            found += modules.require(
-                modules.find_linears(self.model, attention), "Adapter attention_output", self.model, attention
-            )
-        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
-        found.sort(key=lambda item: order[item[0]])
-        return {name: modules.linear_features(m)[1] for name, m in found}
-
     def build(self, method: Adapter, context: InitContext) -> nn.Module:
-        tuning = AdapterTuning(method, self.sites(method))
+        tuning = AdapterTuning(method, adapter_sites(self.model, method))
         for block in tuning.blocks.values():
             nn.init.kaiming_uniform_(block.down.weight, a=math.sqrt(5))
             nn.init.zeros_(block.down.bias)
@@ -123,7 +143,7 @@ class AdapterComponent(SiteComponent):
         return tuning
 
     def from_state(self, method: Adapter, state: dict[str, torch.Tensor]) -> nn.Module:
-        sites = self.sites(method)
+        sites = adapter_sites(self.model, method)
         expected = {}
         for name, width in sites.items():
             expected.update({
@@ -146,7 +166,6 @@ class AdapterComponent(SiteComponent):
             for name in tuning.names
             for rest, tensor in tuning.blocks[site_key(name)].state_dict().items()
         }
-
 
 
 Adapter.component = AdapterComponent

@@ -33,7 +33,9 @@ class Method:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
     def resolve(self, model: nn.Module) -> Method:
-        """This method with its module patterns replaced by the explicit module names they select on `model`."""
+        """This method with its module patterns (regular expressions, suffixes, defaults) replaced by the
+        tuple of full module names they select on `model`: it selects the same modules, and stored, it
+        carries no pattern to match again. A method without patterns is itself."""
         return self
 
 

@@ -9,6 +9,7 @@ single tuning serves the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,8 @@ from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
 
 @dataclass(frozen=True)
 class LoRA(Method):
-    """LoRA of rank `rank` on the linear layers named by `targets` (default: query and value)."""
+    """LoRA of rank `rank` on the linear layers named by `targets` (default: query and value): a regular
+    expression for the whole module name, or module names or name suffixes (see `modules.matcher`)."""
 
     kind = "lora"
     rank: int = 8
@@ -35,12 +37,30 @@ class LoRA(Method):
             raise TuningError(f"LoRA rank must be at least 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise TuningError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if isinstance(self.targets, list):
-            object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "targets", modules.check_patterns(self.targets, "LoRA targets"))
+
+    def resolve(self, model: nn.Module) -> LoRA:
+        """This LoRA with `targets` (the default ones if None) as the full names of the layers they select."""
+        names = modules.explicit_names(model, list(lora_sites(model, self)), "LoRA targets")
+        return dataclasses.replace(self, targets=names)
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+def lora_sites(model: nn.Module, method: LoRA) -> dict[str, tuple[int, int]]:
+    """{full name: (in_features, out_features)} of the layers `method` puts LoRA on, in the model's order."""
+    targets = method.targets
+    if targets is None:
+        targets = modules.first_matching(model, modules.DEFAULT_LORA_TARGETS, modules.find_linears)
+        if not targets:
+            raise TuningError(
+                f"LoRA has no default targets for {type(model).__name__}; pass targets=[...] "
+                f"naming some of its linear layers: {modules.describe_linears(model)}"
+            )
+    found = modules.require(modules.find_linears(model, targets, "LoRA targets"), "LoRA target", model, targets)
+    return {name: modules.linear_features(m) for name, m in found}
 
 
 class LoRATuning(nn.Module):
@@ -91,27 +111,15 @@ class LoRAComponent(SiteComponent):
         out = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
         return out.reshape(*x.shape[:-1], b.shape[1])
 
-    def sites(self, method: LoRA) -> dict[str, tuple[int, int]]:
-        targets = method.targets
-        if targets is None:
-            targets = modules.first_matching(self.model, modules.DEFAULT_LORA_TARGETS, modules.find_linears)
-            if not targets:
-                raise TuningError(
-                    f"LoRA has no default targets for {type(self.model).__name__}; pass targets=[...] "
-                    f"naming some of its linear layers: {modules.describe_linears(self.model)}"
-                )
-        found = modules.require(modules.find_linears(self.model, targets), "LoRA target", self.model, targets)
-        return {name: modules.linear_features(m) for name, m in found}
-
     def build(self, method: LoRA, context: InitContext) -> nn.Module:
-        tuning = LoRATuning(method, self.sites(method))
+        tuning = LoRATuning(method, lora_sites(self.model, method))
         for a in tuning.A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear; B stays zero
         self.hook_sites(tuning.names)
         return tuning
 
     def from_state(self, method: LoRA, state: dict[str, torch.Tensor]) -> nn.Module:
-        sites = self.sites(method)
+        sites = lora_sites(self.model, method)
         expected = {}
         for name, (i, o) in sites.items():
             expected[f"{name}.lora_A"] = (method.rank, i)
