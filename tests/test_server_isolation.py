@@ -4,7 +4,6 @@ tells anything of another key or of the server's insides."""
 import threading
 
 import httpx
-
 from test_server import ADMIN, auth, new_key, save_tuning, server, snapshot, upload
 
 

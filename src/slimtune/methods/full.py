@@ -39,7 +39,9 @@ class FullComponent(Component):
         missing = [n for n in own if n not in state and n not in tied]
         unexpected = [n for n in state if n not in own]
         if missing or unexpected:
-            raise ModelMismatchError(f"full fine-tune does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ModelMismatchError(
+                f"full fine-tune does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         for name, tensor in state.items():
             if own[name].shape != tensor.shape:
                 raise ModelMismatchError(
