@@ -298,3 +298,21 @@ def test_an_upload_is_loaded_against_the_model_before_it_is_accepted(tmp_path, l
     assert engine.bank.users == ["alice"]
     assert engine.generate("alice", [5, 6, 7], max_new_tokens=4).token_ids == served.token_ids
     engine.close()
+
+
+@pytest.mark.parametrize("method", [{"kind": "lora", "alpha": None}, {"kind": {}}, {"kind": "lora", "rank": True},
+                                    {"kind": "lora", "targets": ["q_proj", 1]}, {"kind": "lora", "secret": 1},
+                                    {"kind": "prefix", "length": "10"}, ["lora"]])
+def test_a_method_record_of_the_wrong_types_is_refused_before_any_config_runs(method):
+    from slimtune.errors import TuningFileError
+    from slimtune.methods import method_from_dict
+
+    with pytest.raises(TuningFileError, match="method"):
+        method_from_dict(method)
+
+
+@pytest.mark.parametrize("text", ["null", "1", '"text"', "[]"])
+def test_json_from_outside_may_be_any_value_within_the_limits(text):
+    import json
+
+    assert storage.load_json(text, "a field") == json.loads(text)
