@@ -10,13 +10,14 @@ Every request carries `Authorization: Bearer <key>`. There are two kinds of key:
 Only a key's SHA-256 is kept, in ``keys.json`` next to the store's tunings, rewritten atomically
 on every change. The keys are 256 random bits, so a fast unsalted hash is enough: nobody can
 guess one from its hash, and looking a key up by its hash takes no comparison that leaks timing.
+The file is still private (0600, and tightened to that when a `KeyRing` opens it): its key ids and
+names say who uses the server, and a key id is the prefix of its owner's tunings' names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import threading
@@ -25,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
-from .errors import TuningError
+from .errors import TuningError, TuningFileError
 
 FORMAT = "slimtune-keys"
 VERSION = 1
 ADMIN = "admin"  # the admin's owner id; user key ids are hex, so never this
 ADMIN_ENV = "SLIMTUNE_ADMIN_KEY"
 MIN_ADMIN_KEY = 16  # characters: a short admin key could be guessed
+PRIVATE = 0o600  # the keys file's mode: its owner's only
 
 
 class KeyConfigError(TuningError):
@@ -92,9 +94,16 @@ class KeyRing:
     def _load(self) -> dict[str, dict]:
         if not self.path.is_file():
             return {}
+        mode = self.path.stat().st_mode & 0o777
+        if mode != PRIVATE:  # written by a release that left it readable to every local user
+            try:
+                self.path.chmod(PRIVATE)
+            except OSError as err:
+                raise KeyConfigError(f"the keys file '{self.path}' has mode {mode:#o} and cannot be made private "
+                                     f"({PRIVATE:#o}): {err}; expected a file of the user running the server") from err
         try:
-            record = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            record = storage.load_json(self.path.read_bytes(), "it")
+        except (OSError, TuningFileError) as err:
             raise KeyConfigError(f"the keys file '{self.path}' is unreadable: {err}") from err
         if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("keys"), dict):
             raise KeyConfigError(f"'{self.path}' is not a slimtune keys file (expected format {FORMAT!r} with a 'keys' object)")
@@ -102,7 +111,11 @@ class KeyRing:
 
     def _save(self) -> None:
         record = {"format": FORMAT, "version": VERSION, "keys": self._keys}
-        storage.atomic_write_json(self.path, record, sort_keys=True)
+        data = storage.json_bytes(record, sort_keys=True)
+        if len(data) > storage.MAX_JSON_BYTES:  # a file the next start could not read back would lock everyone out
+            raise KeyConfigError(f"the keys file would be {len(data)} bytes with this change, more than the "
+                                 f"{storage.MAX_JSON_BYTES} it may have: delete unused keys first")
+        storage.atomic_write(self.path, data, mode=PRIVATE)
 
     def caller(self, key: str) -> Caller | None:
         """Who holds `key`, or None for a key that is not (or no longer) valid."""

@@ -36,8 +36,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -751,17 +749,17 @@ class Service:
             raise
         except Exception as err:  # python-multipart's parse errors
             raise APIError(400, f"The multipart body could not be parsed: {err}", param="files") from err
-        try:
-            name, replace, task = upload_fields(form)
-            stored = self.stored_name(caller, name)
-            if stored is None:
-                raise APIError(400, f"Invalid tuning name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting "
-                                    f"with a letter or digit, and not the base model's name '{self.base_name}'.",
-                               param="name")
-            folder = await self.receive_files(form.getlist("files"))
-        finally:
-            await form.close()
-        try:
+        with self.store.scratch(".upload-") as folder:  # private, and known to Store.clean if the server dies
+            try:
+                name, replace, task = upload_fields(form)
+                stored = self.stored_name(caller, name)
+                if stored is None:
+                    raise APIError(400, f"Invalid tuning name {name!r}: use 1-100 letters, digits, '.', '_' or '-', "
+                                        f"starting with a letter or digit, and not the base model's name "
+                                        f"'{self.base_name}'.", param="name")
+                await self.receive_files(form.getlist("files"), folder)
+            finally:
+                await form.close()
             async with self.uploads, self.traffic.change(stored):
                 if stored in self.store and not replace:
                     raise APIError(409, f"You already have a tuning named '{name}'; delete it first or upload with "
@@ -781,8 +779,6 @@ class Service:
                     await self.forget(stored)
                     raise revoked()
                 await asyncio.to_thread(self.engine.remove, stored)  # a replaced tuning must be reloaded
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
         return JSONResponse(tuning_card(entry, name), 201)
 
     async def checked(self, folder: Path, task: dict | None) -> tuple[dict, dict]:
@@ -802,8 +798,8 @@ class Service:
     def still_valid(self, caller: Caller) -> bool:
         return caller.admin or caller.id in self.keys
 
-    async def receive_files(self, files: list) -> Path:
-        """The uploaded files in a private folder (inside the store: same filesystem, private to this server)."""
+    async def receive_files(self, files: list, folder: Path) -> None:
+        """The uploaded files, written into `folder` (a private scratch folder of the store)."""
         names = [Path(getattr(f, "filename", None) or "").name for f in files]
         if not files or any(isinstance(f, str) for f in files):
             raise APIError(400, "No tuning files: send them as file parts named 'files'.", param="files")
@@ -811,16 +807,10 @@ class Service:
         if unknown or len(set(names)) != len(names):
             raise APIError(400, f"Unexpected files {sorted(set(unknown)) or names}: send each of "
                                 f"{sorted(TUNING_FILES)} at most once (a saved tuning's folder).", param="files")
-        folder = Path(tempfile.mkdtemp(dir=self.store.path, prefix=".upload-"))
-        try:
-            for upload, name in zip(files, names, strict=True):
-                with open(folder / name, "wb") as out:
-                    while chunk := await upload.read(2**20):
-                        out.write(chunk)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return folder
+        for upload, name in zip(files, names, strict=True):
+            with open(folder / name, "wb") as out:
+                while chunk := await upload.read(2**20):
+                    out.write(chunk)
 
     async def delete_tuning(self, caller: Caller, name: str) -> dict:
         stored = self.stored_name(caller, name)
@@ -1172,10 +1162,14 @@ def serve(model: str = "smollm2-135m", store: str | os.PathLike = "slimtune-stor
     from .models import load_model
 
     admin_key = read_admin_key(admin_key_file)  # before loading the model: no key, no start
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     base, tokenizer = load_model(model, "generation")
     if torch.cuda.is_available():
         base.cuda()
-    tunings = Store(store, base)
+    tunings = Store(store, base)  # opened with its model: made private, and what crashes left is removed
+    if tunings.cleaned:
+        log.warning("removed %d things that interrupted uploads and writes left in the store: %s", len(tunings.cleaned),
+                    ", ".join(tunings.cleaned[:20]) + (", ..." if len(tunings.cleaned) > 20 else ""))
     keys = KeyRing(tunings.path / "keys.json", admin_key)
     engine = Engine(base, tokenizer, tunings, max_resident=max_resident, max_batch=max_batch)
     app = create_app(engine, tunings, keys, base_name_of(model), max_tunings_per_key=max_tunings_per_key,

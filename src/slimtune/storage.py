@@ -30,16 +30,19 @@ _UMASK = os.umask(0o022)  # read once (reading it means setting it), then put ba
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write `data` to a temporary file beside `path`, then rename it over `path`. The file gets the
     permissions `open()` would give it (the temporary file's own are owner-only): an existing file's,
-    or 0o666 less the umask the process had when this module was imported."""
+    or 0o666 less the umask the process had when this module was imported; or exactly `mode` if given
+    (e.g. 0o600 for a file no other user may read, whatever the umask or the replaced file's mode)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # POSIX; elsewhere the temporary file's mode stands
-                os.fchmod(f.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
+            if hasattr(os, "fchmod"):  # POSIX; elsewhere the temporary file's owner-only mode stands
+                if mode is None:
+                    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK
+                os.fchmod(f.fileno(), mode)  # before any data: a private file is never readable by others
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -54,8 +57,9 @@ def json_bytes(value, **options) -> bytes:
     return (json.dumps(value, indent=2, **options) + "\n").encode()
 
 
-def atomic_write_json(path: Path, value, **options) -> None:
-    atomic_write(path, json_bytes(value, **options))
+def atomic_write_json(path: Path, value, *, mode: int | None = None, **options) -> None:
+    """`value` as JSON (`json_bytes`, `options` for `json.dumps`), written by `atomic_write` with its `mode`."""
+    atomic_write(path, json_bytes(value, **options), mode=mode)
 
 
 def load_json(data: str | bytes, what: str):
@@ -69,7 +73,7 @@ def load_json(data: str | bytes, what: str):
         raise TuningFileError(f"{what} is JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TuningFileError(f"{what} is not valid JSON ({err})") from err
-    level, todo = 0, [value]
+    level, todo = 0, [value] if isinstance(value, (dict, list)) else []
     while todo:
         level += 1
         if level > MAX_JSON_DEPTH:

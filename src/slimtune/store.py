@@ -12,13 +12,25 @@ method config, model fingerprint), moved to a version folder of its own, and mad
 one atomic `rename` of the link, so a reader sees the old whole version or the new whole one,
 never none in between, and a refused tuning leaves the store as it was. Writers (threads or
 processes) serialise on an exclusive lock on `.lock`.
+
+Private: the store, `tunings/` and `versions/` are 0700 (tightened to that when a store is opened
+with a model, as `slimtune serve` and `slimtune train` open it), and version and scratch folders are
+made 0700, so no other local user can list whose tunings there are or read them.
+
+Crash leftovers are removed by `Store.clean()`, which runs when a store is opened with a model (its
+list is `Store.cleaned`). Under the exclusive lock, which every step that makes them holds: temporary
+links `tunings/.*.link`, `.trash-*` folders, and version folders no `tunings/<name>` links to.
+Scratch folders (`.staging-*` for `add`, `.upload-*` for the server's uploads; from `Store.scratch`)
+are made without the lock, so each writer holds an flock on its folder's `.owner` file while the
+folder lives: one is removed only when that lock is free (its writer has died), or, with no `.owner`
+(an older release's, including its `versions/.staging-*`), once it is untouched for an hour. Another
+process writing to the store meanwhile loses nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -40,6 +52,11 @@ FORMAT = "slimtune-store"
 VERSION = 1
 ENTRY = "entry.json"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VERSION_FOLDER = re.compile(NAME.pattern + r"\.[0-9a-f]{12}")  # versions/<name>.<id>
+PRIVATE = 0o700  # the store's folders: their owner's only
+SCRATCH = (".staging-", ".upload-")  # the prefixes of `Store.scratch` folders, which `clean` knows
+OWNER = ".owner"  # in a scratch folder: flocked by its writer while the folder is in use
+STALE = 3600.0  # seconds untouched after which a scratch folder with no OWNER (an older release's) is dead
 
 
 @dataclass(frozen=True)
@@ -69,7 +86,8 @@ def check_name(name: str) -> str:
 
 class Store:
     """Named tunings for one base model. `model` (optional) fixes which base model the store is
-    for when it is created, and is checked against it when it is opened."""
+    for when it is created, and is checked against it when it is opened; opened with a model, the
+    store is also made private and cleaned of crash leftovers (`cleaned` lists what was removed)."""
 
     def __init__(self, path: str | os.PathLike, model: nn.Module | None = None):
         self.path = Path(path)
@@ -78,6 +96,10 @@ class Store:
         self.versions = self.path / "versions"
         current = modules.fingerprint(model) if model is not None else None
         self.fingerprint = self._open(current)
+        self.cleaned: list[str] = []
+        if model is not None:  # the owner's server or training run, not a reader in passing
+            self._make_private()
+            self.cleaned = self.clean()
 
     # --- the store's own record ----------------------------------------------------------------
 
@@ -85,10 +107,7 @@ class Store:
         record_file = self.path / "store.json"
         with self._locked():
             if record_file.is_file():
-                try:
-                    record = json.loads(record_file.read_text())
-                except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                    raise TuningFileError(f"'{record_file}' is not valid JSON ({err})") from err
+                record = storage.load_json(record_file.read_bytes(), f"'{record_file}'")
                 if not isinstance(record, dict) or record.get("format") != FORMAT:
                     raise TuningFileError(f"'{self.path}' is not a slimtune store (expected format {FORMAT!r} in store.json)")
                 stored = record.get("model")
@@ -99,8 +118,8 @@ class Store:
                 else:
                     storage.check_model(stored, current, f"store {self.path}")
                 return current  # this model's own: tunings added are checked against it
-            self.tunings.mkdir(parents=True, exist_ok=True)
-            self.versions.mkdir(parents=True, exist_ok=True)
+            self.tunings.mkdir(mode=PRIVATE, exist_ok=True)
+            self.versions.mkdir(mode=PRIVATE, exist_ok=True)
             self._write_record(current)
             return current
 
@@ -108,9 +127,21 @@ class Store:
         record = {"format": FORMAT, "version": VERSION, "model": fingerprint}
         storage.atomic_write_json(self.path / "store.json", record)
 
+    def _make_private(self) -> None:
+        """Tighten a store made by a release that left its folders readable to every local user."""
+        for folder in (self.path, self.tunings, self.versions):
+            folder.mkdir(mode=PRIVATE, exist_ok=True)
+            mode = folder.stat().st_mode & 0o777
+            if mode != PRIVATE:
+                try:
+                    folder.chmod(PRIVATE)
+                except OSError as err:
+                    raise TuningError(f"the store folder '{folder}' has mode {mode:#o} and cannot be made private "
+                                      f"({PRIVATE:#o}): {err}; expected a store of the user opening it") from err
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=PRIVATE, parents=True, exist_ok=True)
         with open(self.path / ".lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -141,12 +172,12 @@ class Store:
         for attempt in range(3):  # a version replaced between resolving the link and reading it: look again
             folder = self.path_of(name)
             try:
-                info = json.loads((folder / ENTRY).read_text())
+                info = storage.load_json((folder / ENTRY).read_bytes(), f"'{folder / ENTRY}'")
                 break
             except FileNotFoundError:
                 if attempt == 2:
                     raise UnknownUserError(f"the tuning {name!r} kept changing while it was read; try again") from None
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            except (OSError, TuningFileError) as err:
                 raise TuningFileError(f"the store's entry for {name!r} is unreadable: {err}") from err
         return StoreEntry(name=name, method=info["method"], bytes=info["bytes"], created=info["created"],
                           model=info["model"], task=info.get("task"), path=folder)
@@ -161,7 +192,8 @@ class Store:
     # --- changing ------------------------------------------------------------------------------
 
     def add(self, name: str, tuning: Any, task: dict | None = None, replace: bool = False) -> StoreEntry:
-        """Store `tuning` (a saved tuning folder, slimtune's or HF PEFT's, or a `TunedModel`) as `name`.
+        """Store `tuning` (a saved tuning folder, slimtune's or HF PEFT's, a `TunedModel`, or a saved form:
+        (record, tensors)) as `name`.
 
         The tuning is validated first (readable, checksum, method config, made for this store's
         base model); if anything is wrong the store is left unchanged. An existing `name` is
@@ -170,10 +202,11 @@ class Store:
         """
         check_name(name)
         record, tensors = self._read(tuning)
+        if method_from_dict(record.get("method", {})).writes_base:
+            raise TuningError(f"a {record['method']['kind']} tuning is a whole model, not a tuning of this store's frozen "
+                              "base model; save it with save_pretrained instead")
         task = task if task is not None else record.get("task")
-        self.versions.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.versions, prefix=".staging-"))
-        try:
+        with self.scratch(".staging-") as staging:
             record = {k: v for k, v in record.items() if k not in ("format", "version", "sha256")}
             if task is not None:
                 record["task"] = task
@@ -189,16 +222,15 @@ class Store:
                 if old is not None and not replace:
                     raise TuningError(f"the store already holds a tuning named {name!r}; delete it or pass replace=True")
                 version = self.versions / f"{name}.{uuid.uuid4().hex[:12]}"
+                self.versions.mkdir(mode=PRIVATE, exist_ok=True)
+                (staging / OWNER).unlink()  # a version, not scratch; clean() waits for the lock, so never sees it ownerless
                 os.rename(staging, version)
-                self.tunings.mkdir(parents=True, exist_ok=True)
+                self.tunings.mkdir(mode=PRIVATE, exist_ok=True)
                 fresh = self.tunings / f".{name}.{uuid.uuid4().hex}.link"
                 os.symlink(os.path.relpath(version, self.tunings), fresh)
                 os.replace(fresh, link)  # the one step that changes what readers see
                 if old is not None:
                     self._discard(old)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return StoreEntry(name=name, method=info["method"], bytes=info["bytes"], created=info["created"],
                           model=info["model"], task=task, path=version)
 
@@ -212,10 +244,70 @@ class Store:
             self._discard(version)
 
     def _discard(self, folder: Path) -> None:
-        """Move out of sight in one rename, then remove: readers never see half a folder."""
+        """Move out of sight in one rename, then remove: readers never see half a folder. Under the lock:
+        a crash midway leaves a `.trash-*` folder that the next `clean()` knows nobody is using."""
         trash = self.path / f".trash-{uuid.uuid4().hex}"
         os.rename(folder, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def scratch(self, prefix: str) -> Iterator[Path]:
+        """A new private (0700) empty folder `<store>/<prefix><random>` for files on their way into the store,
+        removed on leaving the block unless it was renamed away meanwhile. While the block runs, `clean()` in any
+        process leaves it alone: this holds an flock on its `.owner` file, which a dead writer's folder has free.
+        `prefix` is one of `SCRATCH` (".staging-", ".upload-"), the names `clean()` looks for."""
+        if prefix not in SCRATCH:
+            raise ValueError(f"unknown scratch folder prefix {prefix!r}: expected one of {SCRATCH}, which clean() knows")
+        self.path.mkdir(mode=PRIVATE, parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=self.path, prefix=prefix))
+        try:
+            # Locked before it is named OWNER: clean() may not catch it created but not yet locked, and take it
+            # for a dead writer's. Until the rename the folder has no OWNER, and is recent, so it is kept.
+            fresh = folder / f"{OWNER}-new"
+            owner = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX)
+            os.rename(fresh, folder / OWNER)
+            yield folder
+        finally:
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+            os.close(owner)  # only now: while the files are removed the folder is still this writer's
+
+    def clean(self) -> list[str]:
+        """Remove what crashed writers left in the store (see the module's docstring), and say what: paths
+        relative to the store. Safe while other processes write to it: they keep what they are working on."""
+        removed: list[str] = []
+        with self._locked():  # nothing made under the lock is half-made while we hold it
+            for folder in (self.path, self.versions):  # versions/ held scratch folders in older releases
+                for item in _folders(folder, SCRATCH):
+                    if _abandoned(item):
+                        try:
+                            self._discard(item)
+                        except FileNotFoundError:  # not abandoned: its writer was just done, and removed it
+                            continue
+                        removed.append(item.relative_to(self.path).as_posix())
+            for item in _folders(self.path, (".trash-",)):
+                shutil.rmtree(item, ignore_errors=True)
+                removed.append(item.name)
+            linked = set()
+            if self.tunings.is_dir():
+                for link in sorted(self.tunings.iterdir()):
+                    if link.is_symlink() and link.name.startswith(".") and link.name.endswith(".link"):
+                        link.unlink()  # a new link that never replaced the old one
+                        removed.append(link.relative_to(self.path).as_posix())
+                    elif link.is_symlink() and NAME.fullmatch(link.name):
+                        linked.add(os.path.realpath(link))
+            if self.versions.is_dir():
+                for version in sorted(self.versions.iterdir()):
+                    if (VERSION_FOLDER.fullmatch(version.name) and not version.is_symlink() and version.is_dir()
+                            and os.path.realpath(version) not in linked):  # renamed into place, never linked
+                        self._discard(version)
+                        removed.append(version.relative_to(self.path).as_posix())
+        return removed
 
     def _check_fingerprint(self, model: dict, name: str) -> None:
         if self.fingerprint is None:  # the first tuning fixes the store's base model
@@ -232,6 +324,10 @@ class Store:
 
         if isinstance(tuning, TunedModel):
             return tuning.saved_form()
+        if isinstance(tuning, tuple) and len(tuning) == 2 and all(isinstance(part, dict) for part in tuning):
+            record, tensors = tuning  # already read and checked, e.g. by `Engine.check`
+            method_from_dict(record.get("method", {}))
+            return record, tensors
         if not isinstance(tuning, (str, os.PathLike)):
             raise TuningError(f"cannot store a {type(tuning).__name__}: expected a saved tuning folder or a TunedModel")
         from . import peft_format
@@ -244,3 +340,33 @@ class Store:
         record, tensors = storage.read(tuning)
         method_from_dict(record.get("method", {}))  # an unknown method or bad config is refused here
         return record, tensors  # its base model is checked against the store's when it is added
+
+
+def _folders(parent: Path, prefixes: tuple[str, ...]) -> list[Path]:
+    """The folders (not links to folders) in `parent` whose names start with one of `prefixes`."""
+    if not parent.is_dir():
+        return []
+    with os.scandir(parent) as items:
+        return sorted(Path(item.path) for item in items
+                      if item.name.startswith(prefixes) and item.is_dir(follow_symlinks=False))
+
+
+def _abandoned(folder: Path) -> bool:
+    """Whether no live writer holds the scratch `folder`: its OWNER's flock is free, or, with no OWNER (being
+    made, or an older release's), it has been untouched for STALE seconds."""
+    try:
+        owner = os.open(folder / OWNER, os.O_RDONLY)
+    except FileNotFoundError:
+        try:
+            return time.time() - folder.stat().st_mtime > STALE
+        except FileNotFoundError:  # its writer finished meanwhile
+            return False
+    except OSError:  # not ours to judge (unreadable): keep it
+        return False
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(owner)
+    return True
