@@ -128,3 +128,36 @@ def test_a_key_keeps_at_most_its_quota_and_checks_one_upload_at_a_time(tmp_path)
         finally:
             gate.restore()
         assert second.status_code == 429 and out[0].status_code == 201
+
+
+def test_the_store_and_keys_file_are_private_to_the_server(tmp_path):
+    with server(tmp_path) as s:
+        new_key(s.http)
+        modes = {p: (s.store.path / p).stat().st_mode & 0o777 for p in ("", "tunings", "versions", "keys.json")}
+    assert modes == {"": 0o700, "tunings": 0o700, "versions": 0o700, "keys.json": 0o600}
+
+
+def test_a_restart_removes_what_killed_writers_left_and_keeps_every_tuning(tmp_path):
+    import os
+    import time
+
+    import slimtune
+
+    from conftest import build
+
+    model = build("llama")
+    store = slimtune.Store(tmp_path / "store", model)
+    store.add("kept", save_tuning(tmp_path / "t", "lora", seed=2))
+    kept = snapshot(store)
+    old = time.time() - 2 * 3600
+    for leftover in (store.path / ".upload-dead", store.versions / ".staging-dead", store.path / ".trash-dead",
+                     store.versions / "gone.0123456789ab"):
+        leftover.mkdir()
+        (leftover / "tuning.safetensors").write_bytes(b"x" * 1000)
+        os.utime(leftover, (old, old))
+    os.symlink("../versions/gone.0123456789ab", store.tunings / ".gone.link")
+    reopened = slimtune.Store(tmp_path / "store", model)
+    assert snapshot(reopened) == kept
+    assert not (store.tunings / ".gone.link").is_symlink()
+    assert len(reopened.cleaned) == 5
+    slimtune.load(build("llama"), reopened.path_of("kept"))
