@@ -129,6 +129,8 @@ def test_an_overlong_pattern_is_refused_before_it_is_compiled():
 @pytest.mark.parametrize("targets", [5, ["q_proj", 3], {"q_proj": 1}])
 def test_patterns_of_another_type_are_refused(targets):
     with pytest.raises(TuningError, match="LoRA targets must be a regular expression .* or a list of module names"):
+        LoRA(targets=targets)
+    with pytest.raises(TuningError, match="targets must be a list of strings or a string or null"):  # a saved record's
         method_from_dict({"kind": "lora", "targets": targets})
 
 
