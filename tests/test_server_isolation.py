@@ -161,3 +161,20 @@ def test_a_restart_removes_what_killed_writers_left_and_keeps_every_tuning(tmp_p
     assert not (store.tunings / ".gone.link").is_symlink()
     assert len(reopened.cleaned) == 5
     slimtune.load(build("llama"), reopened.path_of("kept"))
+
+
+def test_zero_or_deeply_nested_values_are_refused_with_400_not_ignored_or_500(tmp_path):
+    with server(tmp_path) as s:
+        key = new_key(s.http)["key"]
+        chat = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hello"}]}
+        zero = s.http.post("/v1/chat/completions", headers=auth(key), json={**chat, "max_completion_tokens": 0})
+        assert zero.status_code == 400 and zero.json()["error"]["param"] == "max_completion_tokens"
+        deep = "[" * 100_000 + "]" * 100_000
+        folder = save_tuning(tmp_path / "t", "lora")
+        assert upload(s.http, key, "deep-task", folder, task=deep).status_code == 400
+        (folder / "slimtune.json").write_text('{"method": ' + deep + "}")
+        assert upload(s.http, key, "deep-record", folder).status_code == 400
+        body = s.http.post("/v1/completions", headers={**auth(key), "content-type": "application/json"},
+                           content='{"model": ' + deep + ', "prompt": "hi"}')
+        assert body.status_code == 400
+        assert s.http.get("/health").status_code == 200
