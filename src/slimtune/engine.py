@@ -763,18 +763,17 @@ class Engine:
         except Exception as err:
             for layer, (keys, values) in zip(self._cache.layers, before, strict=True):
                 layer.keys, layer.values = keys, values
-            self._drop_failing(err)
+            self._drop_failing(err, mask)
             return
         self._mask = mask
         self.stats.steps += 1
         self.stats.batch_rows.append(len(self._running))
         self._advance(self._running, logits, first=0)
 
-    def _drop_failing(self, err: Exception) -> None:
-        """A decoding step failed: run each tuning's rows alone (on a copy of their cache) to find the ones
-        that fail, and fail only those; the others take the step again next time. If none fails alone, the
-        fault is not one request's: every running row fails."""
-        mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
+    def _drop_failing(self, err: Exception, mask: torch.Tensor) -> None:
+        """A decoding step (over `mask`) failed: run each tuning's rows alone (on a copy of their cache) to find
+        the ones that fail, and fail only those; the others take the step again next time. If none fails alone,
+        the fault is not one request's: every running row fails."""
         failing: set[int] = set()
         for user in dict.fromkeys(r.request.user for r in self._running):
             rows = [i for i, r in enumerate(self._running) if r.request.user == user]
