@@ -2,14 +2,14 @@
 
 from .bank import Bank, TunedModel, attach, load
 from .errors import ModelMismatchError, TuningError, TuningFileError, UnknownUserError
-from .methods import Adapter, BitFit, FullFineTuning, LoRA, Method, PrefixTuning, PromptTuning
+from .methods import IA3, Adapter, BitFit, DoRA, FullFineTuning, LoRA, Method, PrefixTuning, PromptTuning
 from .report import ParameterReport, parameter_report
 from .store import Store, StoreEntry
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "Bank", "BitFit", "FullFineTuning", "LoRA", "Method", "ModelMismatchError", "ParameterReport",
+    "IA3", "Adapter", "Bank", "BitFit", "DoRA", "FullFineTuning", "LoRA", "Method", "ModelMismatchError", "ParameterReport",
     "PrefixTuning", "PromptTuning", "Store", "StoreEntry", "TunedModel", "TuningError", "TuningFileError", "UnknownUserError",
     "attach", "load", "parameter_report",
 ]

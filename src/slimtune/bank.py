@@ -18,7 +18,7 @@ from torch import nn
 
 from . import modules, peft_format, storage
 from .errors import TuningError, UnknownUserError
-from .methods import Method, method_from_dict
+from .methods import METHODS, Method, method_from_dict
 from .methods.base import Component, InitContext
 from .methods.full import FullFineTuning
 from .methods.head import HeadComponent
@@ -347,20 +347,23 @@ class TunedModel(nn.Module):
         return self.bank.saved_form(self.user, task)
 
     def merge(self) -> None:
-        """Fold a LoRA update into the frozen weights: zero extra cost per token until `unmerge()`."""
-        lora = self._only_lora("merge")
-        lora.merge(self.user)
+        """Fold the tuning into the frozen weights, where its method can (LoRA, for one): no extra cost per token until
+        `unmerge()`."""
+        self._merging("merge").merge(self.user)
 
     def unmerge(self) -> None:
-        """Subtract the merged LoRA update again (exact up to floating-point rounding)."""
-        self._only_lora("unmerge").unmerge()
+        """Take the merged tuning out of the weights again (exact up to floating-point rounding)."""
+        self._merging("unmerge").unmerge()
 
-    def _only_lora(self, action: str):
-        if self.method.kind != "lora":
-            raise TuningError(f"only LoRA can {action}; this tuning is {self.method.kind}")
+    def _merging(self, action: str) -> Component:
+        """The component holding this tuning, if its method's update can be folded into the weights."""
+        part = self.bank.parts[self.method.component.kind]
+        if not part.merges:
+            able = ", ".join(m.__name__ for m in METHODS.values() if m.component.merges)
+            raise TuningError(f"only {able} can {action}; this tuning is {self.method.kind}")
         if len(self.bank.users) > 1:
             raise TuningError(f"cannot {action} while the model is shared by other tunings in the bank")
-        return self.bank.parts["lora"]
+        return part
 
 
 def read_tuning(path: str | os.PathLike, model: nn.Module, fingerprint: dict | None = None

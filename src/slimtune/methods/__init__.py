@@ -9,13 +9,15 @@ from ..errors import TuningFileError
 from .adapter import Adapter
 from .base import Method
 from .bitfit import BitFit
+from .dora import DoRA
 from .full import FullFineTuning
+from .ia3 import IA3
 from .lora import LoRA
 from .prefix import PrefixTuning
 from .prompt import PromptTuning
 
 METHODS: dict[str, type[Method]] = {
-    m.kind: m for m in (PromptTuning, PrefixTuning, Adapter, LoRA, BitFit, FullFineTuning)
+    m.kind: m for m in (PromptTuning, PrefixTuning, Adapter, LoRA, DoRA, IA3, BitFit, FullFineTuning)
 }
 
 
@@ -75,4 +77,5 @@ def _describe(hint) -> str:
         hint, str(hint))
 
 
-__all__ = ["METHODS", "Adapter", "BitFit", "FullFineTuning", "LoRA", "Method", "PrefixTuning", "PromptTuning", "method_from_dict"]
+__all__ = ["IA3", "METHODS", "Adapter", "BitFit", "DoRA", "FullFineTuning", "LoRA", "Method", "PrefixTuning", "PromptTuning",
+           "method_from_dict"]

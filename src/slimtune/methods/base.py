@@ -68,6 +68,9 @@ class Component(nn.Module):
     """One method installed on one model, holding the tunings of many users."""
 
     kind: ClassVar[str] = ""
+    # True for a method whose update folds into the frozen weights: it implements `fold()`, and `merge()`
+    # serves one tuning at no extra cost per token.
+    merges: ClassVar[bool] = False
     # At most this much kept by `kept()` per component: room for a few batch layouts of 64 users' adapters
     # (1.1 GB each on SmolLM2-135M); a smaller budget re-stacks every decoding step.
     keep_bytes: ClassVar[int] = 4 << 30
@@ -81,6 +84,7 @@ class Component(nn.Module):
         self._param_lists: dict[str, list[nn.Parameter]] = {}
         self._kept: dict = {}  # key -> (signature, value): see `kept()`
         self._kept_bytes = 0
+        self.merged: str | None = None  # the user whose update is folded into the weights
 
     @property
     def device(self) -> torch.device:
@@ -173,6 +177,30 @@ class Component(nn.Module):
             handle.remove()
         self._handles.clear()
 
+    # --- merging -----------------------------------------------------------------------------
+
+    def merge(self, user: str) -> None:
+        """Fold `user`'s update into the frozen weights; their rows then skip the method's hooks."""
+        if not self.merges:
+            raise TuningError(f"{self.kind} tunings cannot be merged into the model's weights")
+        if self.merged is not None:
+            raise TuningError(f"the {self.kind} tuning of {self.merged!r} is already merged; unmerge() it first")
+        self.fold(user, undo=False)
+        self.merged = user
+        self._drop_kept()  # values kept from the unmerged weights
+
+    def unmerge(self) -> None:
+        """Take the merged update out of the weights again (exact up to floating-point rounding)."""
+        if self.merged is None:
+            raise TuningError(f"no {self.kind} tuning is merged")
+        self.fold(self.merged, undo=True)
+        self.merged = None
+        self._drop_kept()
+
+    def fold(self, user: str, undo: bool) -> None:
+        """Apply `user`'s update to the frozen weights in place (`undo`: take it out again)."""
+        raise NotImplementedError
+
 
 def _tensors(value) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
@@ -230,7 +258,7 @@ class SiteComponent(Component):
         raise NotImplementedError
 
     def skips(self, user: str) -> bool:
-        return False
+        return user == self.merged  # its update is already inside the weights
 
     def stackable(self, users: list[str]) -> bool:
         """Whether these users' tunings have the same shapes, so they can run as one batched computation."""

@@ -5,6 +5,9 @@
 so the tuned model starts identical to the frozen one. Per row: each user's (A, B) applies to
 that user's rows only. `merge()` folds (alpha / r) B A into W for zero-overhead inference when a
 single tuning serves the model.
+
+rsLoRA (Kalajdzievski, 2023), `rslora=True`, scales by alpha / sqrt(r) instead, so that the update's
+size does not shrink as the rank grows. DoRA (dora.py) builds on this file's LoRA.
 """
 
 from __future__ import annotations
@@ -24,43 +27,51 @@ from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
 @dataclass(frozen=True)
 class LoRA(Method):
     """LoRA of rank `rank` on the linear layers named by `targets` (default: query and value): a regular
-    expression for the whole module name, or module names or name suffixes (see `modules.matcher`)."""
+    expression for the whole module name, or module names or name suffixes (see `modules.matcher`).
+    `rslora=True`: scaled by alpha / sqrt(rank) (rank-stabilised LoRA) instead of alpha / rank."""
 
     kind = "lora"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] | str | None = None
+    rslora: bool = False
 
     def __post_init__(self):
+        name = type(self).__name__
         if self.rank < 1:
-            raise TuningError(f"LoRA rank must be at least 1, got {self.rank}")
+            raise TuningError(f"{name} rank must be at least 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
-            raise TuningError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        object.__setattr__(self, "targets", modules.check_patterns(self.targets, "LoRA targets"))
+            raise TuningError(f"{name} dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "targets", modules.check_patterns(self.targets, f"{name} targets"))
 
     def resolve(self, model: nn.Module) -> LoRA:
         """This LoRA with `targets` (the default ones if None) as the full names of the layers they select."""
-        names = modules.explicit_names(model, list(lora_sites(model, self)), "LoRA targets")
+        names = modules.explicit_names(model, list(lora_sites(model, self)), f"{type(self).__name__} targets")
         return dataclasses.replace(self, targets=names)
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 def lora_sites(model: nn.Module, method: LoRA) -> dict[str, tuple[int, int]]:
     """{full name: (in_features, out_features)} of the layers `method` puts LoRA on, in the model's order."""
-    targets = method.targets
+    targets, what = method.targets, type(method).__name__
     if targets is None:
         targets = modules.first_matching(model, modules.DEFAULT_LORA_TARGETS, modules.find_linears)
         if not targets:
             raise TuningError(
-                f"LoRA has no default targets for {type(model).__name__}; pass targets=[...] "
+                f"{what} has no default targets for {type(model).__name__}; pass targets=[...] "
                 f"naming some of its linear layers: {modules.describe_linears(model)}"
             )
-    found = modules.require(modules.find_linears(model, targets, "LoRA targets"), "LoRA target", model, targets)
+    found = modules.require(modules.find_linears(model, targets, f"{what} targets"), f"{what} target", model, targets)
     return {name: modules.linear_features(m) for name, m in found}
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """A linear layer's weight as [out, in] (a view: GPT-2's Conv1D stores it as [in, out])."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
 
 
 class LoRATuning(nn.Module):
@@ -77,21 +88,28 @@ class LoRATuning(nn.Module):
         a, b = self.A[key], self.B[key]
         return (self.dropout(x).to(a.dtype) @ a.T @ b.T) * self.scale
 
+    def update(self, name: str) -> torch.Tensor:
+        """(alpha / r) B A at one layer, [d_out, d_in]: what merging adds to its weight."""
+        key = site_key(name)
+        return (self.B[key] @ self.A[key]) * self.scale
+
+    def saved(self) -> dict[str, nn.Parameter]:
+        """The parameters by their names in the saved form: `<layer>.lora_A` [r, d_in], `<layer>.lora_B` [d_out, r]."""
+        out = {}
+        for name in self.names:
+            out[f"{name}.lora_A"] = self.A[site_key(name)]
+            out[f"{name}.lora_B"] = self.B[site_key(name)]
+        return out
+
 
 class LoRAComponent(SiteComponent):
     kind = "lora"
 
     from_input = True
-
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.merged: str | None = None
+    merges = True
 
     def site_value(self, user: str, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.tuning(user).delta(name, x)
-
-    def skips(self, user: str) -> bool:
-        return user == self.merged  # its update is already inside the weights
 
     def stackable(self, users: list[str]) -> bool:
         first = self.methods[users[0]]
@@ -111,59 +129,38 @@ class LoRAComponent(SiteComponent):
         out = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
         return out.reshape(*x.shape[:-1], b.shape[1])
 
+    def new_tuning(self, method: LoRA, sites: dict[str, tuple[int, int]]) -> LoRATuning:
+        return LoRATuning(method, sites)
+
     def build(self, method: LoRA, context: InitContext) -> nn.Module:
-        tuning = LoRATuning(method, lora_sites(self.model, method))
+        tuning = self.new_tuning(method, lora_sites(self.model, method))
         for a in tuning.A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear; B stays zero
         self.hook_sites(tuning.names)
         return tuning
 
     def from_state(self, method: LoRA, state: dict[str, torch.Tensor]) -> nn.Module:
-        sites = lora_sites(self.model, method)
-        expected = {}
-        for name, (i, o) in sites.items():
-            expected[f"{name}.lora_A"] = (method.rank, i)
-            expected[f"{name}.lora_B"] = (o, method.rank)
-        expect_shapes(state, expected, "LoRA")
-        tuning = LoRATuning(method, sites)
+        tuning = self.new_tuning(method, lora_sites(self.model, method))
+        saved = tuning.saved()
+        expect_shapes(state, {name: tuple(p.shape) for name, p in saved.items()}, type(method).__name__)
         with torch.no_grad():
-            for name in sites:
-                tuning.A[site_key(name)].copy_(state[f"{name}.lora_A"])
-                tuning.B[site_key(name)].copy_(state[f"{name}.lora_B"])
+            for name, parameter in saved.items():
+                parameter.copy_(state[name])
         self.hook_sites(tuning.names)
         return tuning
 
     def state(self, user: str) -> dict[str, torch.Tensor]:
-        tuning = self.tuning(user)
-        out = {}
-        for name in tuning.names:
-            out[f"{name}.lora_A"] = tuning.A[site_key(name)].detach()
-            out[f"{name}.lora_B"] = tuning.B[site_key(name)].detach()
-        return out
+        return {name: p.detach() for name, p in self.tuning(user).saved().items()}
 
     # --- merging -----------------------------------------------------------------------------
 
-    def _update(self, user: str, sign: float) -> None:
+    def fold(self, user: str, undo: bool) -> None:
         tuning = self.tuning(user)
         found = dict(self.model.named_modules())
         with torch.no_grad():
             for name in tuning.names:
-                key = site_key(name)
-                delta = (tuning.B[key] @ tuning.A[key]) * tuning.scale * sign  # d_out x d_in
-                weight = found[name].weight
-                weight += (delta if isinstance(found[name], nn.Linear) else delta.T).to(weight.dtype)
-
-    def merge(self, user: str) -> None:
-        if self.merged is not None:
-            raise TuningError(f"LoRA of {self.merged!r} is already merged; unmerge() it first")
-        self._update(user, 1.0)
-        self.merged = user
-
-    def unmerge(self) -> None:
-        if self.merged is None:
-            raise TuningError("no LoRA is merged")
-        self._update(self.merged, -1.0)
-        self.merged = None
+                weight = weight_matrix(found[name])
+                weight += (tuning.update(name) * (-1.0 if undo else 1.0)).to(weight.dtype)
 
 
 LoRA.component = LoRAComponent
