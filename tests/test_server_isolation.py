@@ -4,7 +4,7 @@ tells anything of another key or of the server's insides."""
 import threading
 
 import httpx
-from test_server import ADMIN, auth, new_key, save_tuning, server, snapshot, upload
+from test_server import ADMIN, auth, held, new_key, save_tuning, server, snapshot, upload
 
 
 def in_thread(function):
@@ -178,3 +178,48 @@ def test_zero_or_deeply_nested_values_are_refused_with_400_not_ignored_or_500(tm
                            content='{"model": ' + deep + ', "prompt": "hi"}')
         assert body.status_code == 400
         assert s.http.get("/health").status_code == 200
+
+
+def test_a_key_has_at_most_its_limit_of_requests_in_flight_and_others_are_not_held_back(tmp_path):
+    with server(tmp_path, max_batch=4) as s:
+        s.service.max_requests = 3
+        greedy, other = new_key(s.http)["key"], new_key(s.http)["key"]
+        body = {"model": "tiny-llama", "prompt": ["w30 w31"] * 3, "max_tokens": 4}
+        with held(s.engine.model) as go:
+            thread, out = in_thread(lambda: httpx.Client(base_url=s.url, timeout=60).post(
+                "/v1/completions", headers=auth(greedy), json=body))
+            while s.service._in_flight.get(s.service.keys.caller(greedy).id, 0) < 3:
+                threading.Event().wait(0.01)
+            refused = s.http.post("/v1/completions", headers=auth(greedy), json={**body, "prompt": "w30"})
+            second, answer = in_thread(lambda: httpx.Client(base_url=s.url, timeout=60).post(
+                "/v1/completions", headers=auth(other), json=body))
+            while len(s.service._in_flight) < 2:
+                threading.Event().wait(0.01)
+            go.set()
+            thread.join(60)
+            second.join(60)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_requests"
+        assert out[0].status_code == 200 and answer[0].status_code == 200
+        assert s.service._in_flight == {}  # every request counted out again
+        assert s.http.post("/v1/completions", headers=auth(greedy), json=body).status_code == 200
+
+
+def test_a_full_keys_file_refuses_a_new_key_with_403_and_keeps_the_others(tmp_path, monkeypatch):
+    from slimtune import storage
+
+    with server(tmp_path) as s:
+        kept = new_key(s.http, "kept")
+        monkeypatch.setattr(storage, "MAX_JSON_BYTES", len((s.store.path / "keys.json").read_bytes()) + 10)
+        response = s.http.post("/v1/keys", headers=auth(ADMIN), json={"name": "one too many"})
+        assert response.status_code == 403 and response.json()["error"]["code"] == "quota_exceeded"
+        assert [k["id"] for k in s.http.get("/v1/keys", headers=auth(ADMIN)).json()["data"]] == [kept["id"]]
+
+
+def test_classifying_with_a_tuning_that_has_no_labels_names_it_as_the_caller_does(tmp_path):
+    with server(tmp_path) as s:
+        key = new_key(s.http)
+        assert upload(s.http, key["key"], "plain", save_tuning(tmp_path / "plain")).status_code == 201
+        response = s.http.post("/v1/classify", headers=auth(key["key"]), json={"model": "plain", "inputs": ["w30"]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "model"
+        message = response.json()["error"]["message"]
+        assert "'plain'" in message and key["id"] not in message

@@ -44,6 +44,7 @@ from .bank import Bank, read_tuning
 from .data import Example, Task
 from .data.errors import DataError
 from .errors import TuningError, UnknownUserError
+from .fairness import OUTPUT_WEIGHT, FairShare
 from .formats import Format
 from .store import Store
 
@@ -97,6 +98,12 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     keep_logits: bool = False
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    tenant: str | None = None  # whose share of the engine this uses (a server's key); None: the tuning's name
+
+    @property
+    def owner(self) -> str:
+        """The tenant this request is scheduled as (see `fairness`)."""
+        return _owner(self.tenant, self.user)
 
     def check(self) -> None:
         """Every setting within its limits (OpenAI's where it has them); a RequestError naming the first that is not."""
@@ -119,6 +126,18 @@ class GenerationRequest:
             shown = [s[:40] if isinstance(s, str) else s for s in self.stop[:MAX_STOP + 1]]
             raise RequestError(f"stop must be at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} "
                                f"characters, got {shown!r}", "stop")
+        _check_tenant(self.tenant)
+
+
+def _check_tenant(tenant: Any) -> None:
+    if tenant is not None and (not isinstance(tenant, str) or len(tenant) > 200):
+        raise RequestError(f"tenant must be a string of at most 200 characters or None, got {str(tenant)[:40]!r}")
+
+
+def _owner(tenant: str | None, user: str | None) -> str:
+    if tenant is not None:
+        return "t:" + tenant
+    return "" if user is None else "u:" + user
 
 
 class _Channel:
@@ -222,6 +241,7 @@ class _Scoring:
     texts: list[str]
     channel: _Channel
     rows: list[tuple[list[int], list[int]]]  # verbalizer: (prompt + label word ids, targets); a head: none
+    owner: str = ""  # the tenant it is scheduled as
     scores: list[torch.Tensor] = field(default_factory=list)  # one per scored batch, in order
     next: int = 0  # rows (verbalizer) or texts (head) scored so far
 
@@ -238,6 +258,41 @@ class _Scoring:
         scores = torch.cat(self.scores)
         probs = scores if self.head else scores.view(len(self.texts), len(labels)).softmax(-1)
         return [dict(zip(labels, p.tolist(), strict=True)) for p in probs]
+
+
+class _Waiting:
+    """Generations waiting to join the running batch: first come, first served within each tenant."""
+
+    def __init__(self):
+        self._by: dict[str, deque[tuple[Generation, list[int]]]] = {}
+
+    def push(self, handle: Generation, ids: list[int]) -> None:
+        self._by.setdefault(handle.request.owner, deque()).append((handle, ids))
+
+    def tenants(self) -> list[str]:
+        return list(self._by)
+
+    def first(self, tenant: str) -> tuple[Generation, list[int]]:
+        return self._by[tenant][0]
+
+    def pop(self, tenant: str) -> tuple[Generation, list[int]]:
+        line = self._by[tenant]
+        item = line.popleft()
+        if not line:
+            del self._by[tenant]
+        return item
+
+    def clear(self) -> None:
+        self._by.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._by)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._by.values()))
+
+    def __iter__(self) -> Iterator[tuple[Generation, list[int]]]:
+        return itertools.chain.from_iterable(list(line) for line in self._by.values())
 
 
 @dataclass
@@ -284,8 +339,9 @@ class Engine:
         self._stale: set[str] = set()  # deleted or replaced in the store while rows still used them
         self._tasks: dict[str, dict | None] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiting: deque[tuple[Generation, list[int]]] = deque()
+        self._waiting = _Waiting()
         self._scoring: deque[_Scoring] = deque()
+        self._fair = FairShare()  # who is owed the next turn: see `fairness`
         self._running: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
@@ -502,22 +558,24 @@ class Engine:
         """Generate for one user; `async for delta in engine.astream(...)` streams the text."""
         return self.submit(GenerationRequest(user, prompt, **options), loop=asyncio.get_running_loop())
 
-    def classify(self, user: str | None, texts: Sequence[str]) -> list[dict[str, float]]:
-        """Label probabilities for each text under `user`'s classification tuning (sync API)."""
-        job = self._scoring_job(user, texts, None)
+    def classify(self, user: str | None, texts: Sequence[str], tenant: str | None = None) -> list[dict[str, float]]:
+        """Label probabilities for each text under `user`'s classification tuning (sync API); `tenant` as in
+        `GenerationRequest`."""
+        job = self._scoring_job(user, texts, tenant, None)
         self._submit_scoring(job)
         return _unwrap(job.channel.queue.get())
 
-    async def aclassify(self, user: str | None, texts: Sequence[str]) -> list[dict[str, float]]:
+    async def aclassify(self, user: str | None, texts: Sequence[str], tenant: str | None = None) -> list[dict[str, float]]:
         """As `classify`; the texts are tokenised in a thread, off the event loop and off the worker."""
-        job = await asyncio.to_thread(self._scoring_job, user, texts, asyncio.get_running_loop())
+        job = await asyncio.to_thread(self._scoring_job, user, texts, tenant, asyncio.get_running_loop())
         self._submit_scoring(job)
         return _unwrap(await job.channel.queue.get())
 
-    def _scoring_job(self, user: str | None, texts: Sequence[str], loop) -> _Scoring:
+    def _scoring_job(self, user: str | None, texts: Sequence[str], tenant: str | None, loop) -> _Scoring:
         """A classification request checked against the limits and tokenised, ready for the worker."""
         if self._closing:
             raise EngineClosedError("the engine is shutting down and takes no new requests")
+        _check_tenant(tenant)
         self._check_user(user)
         if isinstance(texts, str) or not texts or any(not isinstance(t, str) for t in texts):
             raise RequestError("inputs must be a non-empty list of strings", "inputs")
@@ -540,7 +598,7 @@ class Engine:
             for text in texts:
                 prompt = fmt.prompt_ids(Example(text=text), room=room)
                 rows.extend((prompt + ids, [-100] * len(prompt) + ids) for ids in fmt.label_ids)
-        return _Scoring(user, fmt, list(texts), _Channel(loop), rows)
+        return _Scoring(user, fmt, list(texts), _Channel(loop), rows, _owner(tenant, user))
 
     def _submit_scoring(self, job: _Scoring) -> None:
         if self._closing:
@@ -610,16 +668,28 @@ class Engine:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
+        active: set[str] | None = None  # the tenants with work in the engine
         while True:
             kind, job, ids = item
-            if kind == "generate":
-                self._waiting.append((job, ids))
-            elif kind == "score":
-                self._scoring.append(job)
+            if kind in ("generate", "score"):
+                owner = job.request.owner if kind == "generate" else job.owner
+                if active is None:
+                    active = self._tenants()
+                if owner not in active:
+                    self._fair.arrive(owner, active)
+                    active.add(owner)
+                if kind == "generate":
+                    self._waiting.push(job, ids)
+                else:
+                    self._scoring.append(job)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _tenants(self) -> set[str]:
+        return ({row.request.owner for row in self._running} | set(self._waiting.tenants())
+                | {job.owner for job in self._scoring})
 
     def _fail_all(self, err: BaseException) -> None:
         for row in self._running:
@@ -636,11 +706,19 @@ class Engine:
 
     def _score(self) -> None:
         """Score one batch of at most `max_batch` waiting classification rows, of one or several requests
-        (a long request goes on at the next step: generation is not held up behind it). A batch that
-        fails is run again request by request, so an error fails only the request it came from."""
+        (a long request goes on at the next step: generation is not held up behind it), when it is their
+        tenants' turn: no tenant with generations waiting or running has had less service (`fairness`).
+        A batch that fails is run again request by request, so an error fails only the request it came from."""
+        if not self._scoring:
+            return
+        generating = {row.request.owner for row in self._running} | set(self._waiting.tenants())
+        least = self._fair.least(generating)
+        jobs = sorted(self._scoring, key=lambda job: self._fair.served(job.owner))  # stable: in arrival order per tenant
+        if least is not None and self._fair.served(jobs[0].owner) > least:
+            return
         batch: list[tuple[_Scoring, int, int]] = []  # (request, first row, end)
         rows, keep = 0, set()
-        for job in list(self._scoring):
+        for job in jobs:
             if rows >= self.max_batch or (batch and (job.head or batch[0][0].head)):
                 break  # a head's inputs are its format's to tokenise: it runs alone
             try:
@@ -666,25 +744,28 @@ class Engine:
                 self._scoring.remove(job)
                 job.channel.put(("error", result))
                 continue
-            job.scores.append(result)
+            scores, tokens = result
+            self._fair.charge(job.owner, tokens)
+            job.scores.append(scores)
             job.next = end
             if job.next >= job.size:
                 self._scoring.remove(job)
                 job.channel.put(("done", job.answer()))
 
-    def _score_alone(self, part: tuple[_Scoring, int, int]) -> torch.Tensor | Exception:
+    def _score_alone(self, part: tuple[_Scoring, int, int]) -> tuple[torch.Tensor, int] | Exception:
         try:
             return self._score_rows([part])[0]
         except Exception as err:
             return err
 
-    def _score_rows(self, batch: list[tuple[_Scoring, int, int]]) -> list[torch.Tensor]:
-        """Each part's scores: a head's class probabilities per text, or per (text, label word) row the
-        label word's summed log-probability (normalised over the labels once the request is whole)."""
+    def _score_rows(self, batch: list[tuple[_Scoring, int, int]]) -> list[tuple[torch.Tensor, int]]:
+        """Each part's scores and tokens: a head's class probabilities per text, or per (text, label word) row
+        the label word's summed log-probability (normalised over the labels once the request is whole)."""
         if batch[0][0].head:
             job, start, end = batch[0]
             inputs = job.format.head_inputs([Example(text=t) for t in job.texts[start:end]], self.device)
-            return [self.bank(users=[job.user] * (end - start), **inputs).logits.float().softmax(-1)]
+            probs = self.bank(users=[job.user] * (end - start), **inputs).logits.float().softmax(-1)
+            return [(probs, int(inputs["attention_mask"].sum()))]
         rows = [row for job, start, end in batch for row in job.rows[start:end]]
         users = [job.user for job, start, end in batch for _ in range(end - start)]
         padded = batch[0][0].format._pad([r[0] for r in rows], [r[1] for r in rows], self.device)
@@ -692,28 +773,37 @@ class Engine:
         logp = torch.log_softmax(logits[:, :-1].float(), -1)
         labels = padded["labels"][:, 1:]
         scores = (logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)).sum(-1)
-        return list(scores.split([end - start for _, start, end in batch]))
+        parts = scores.split([end - start for _, start, end in batch])
+        return [(part, sum(len(r[0]) for r in job.rows[start:end])) for part, (job, start, end) in zip(parts, batch, strict=True)]
 
     # generation
 
     def _admit(self) -> None:
+        """Move waiting generations into the running batch while it has room, the least served tenant's
+        first (`fairness`), each tenant's in the order they came."""
         new: list[_Row] = []
         keep = {row.request.user for row in self._running if row.request.user is not None}
-        while self._waiting and len(self._running) + len(new) < self.max_batch:
-            handle, ids = self._waiting[0]
+        blocked: set[str] = set()  # tenants whose next request's tuning cannot be loaded until rows finish
+        while len(self._running) + len(new) < self.max_batch:
+            tenant = next((t for t in self._fair.order(self._waiting.tenants()) if t not in blocked), None)
+            if tenant is None:
+                break
+            handle, ids = self._waiting.first(tenant)
             if handle.cancelled:
-                self._waiting.popleft()
+                self._waiting.pop(tenant)
                 self._finish(_Row(handle, ids, None), "cancelled")
                 continue
             try:
                 resident = self._make_resident(handle.request.user, keep)
             except Exception as err:  # deleted meanwhile, or unreadable: this request fails, no other
-                self._waiting.popleft()
+                self._waiting.pop(tenant)
                 handle._channel.put(("error", err))
                 continue
             if not resident:
-                break  # the bank is full of tunings in use; wait for rows to finish
-            self._waiting.popleft()
+                blocked.add(tenant)  # the bank is full of tunings in use; wait for rows to finish
+                continue
+            self._waiting.pop(tenant)
+            self._fair.charge(tenant, len(ids))
             keep.add(handle.request.user)
             seed = handle.request.seed
             generator = None
@@ -797,6 +887,7 @@ class Engine:
         greedy = logits.argmax(-1).tolist()
         done = []
         for i, row in enumerate(rows):
+            self._fair.charge(row.request.owner, 1, OUTPUT_WEIGHT)
             try:
                 request = row.request
                 token = greedy[i] if request.temperature <= 0 else _sample(logits[i], request, row.generator)

@@ -57,7 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import storage
 from .engine import Completion, Engine, EngineClosedError, GenerationRequest, RequestError
 from .errors import ModelMismatchError, TuningError, UnknownUserError
-from .keys import ADMIN, Caller, KeyRing
+from .keys import ADMIN, Caller, KeyConfigError, KeyRing
 from .store import Store
 
 log = logging.getLogger("slimtune.server")
@@ -69,6 +69,7 @@ MAX_PROMPTS = 128  # prompts in one completions request
 MAX_MESSAGES = 2048  # messages in one chat request
 MAX_TUNINGS_PER_KEY = 100
 MAX_BYTES_PER_KEY = 2 * 2**30  # of tensors stored, over all of a key's tunings
+MAX_REQUESTS_PER_KEY = 64  # generations (each prompt one) and classifications of one key in flight at once
 UPLOADS_AT_ONCE = 2  # an upload costs a few times its size in memory while it is checked
 TUNING_FILES = {"slimtune.json", "tuning.safetensors", "adapter_config.json", "adapter_model.safetensors"}
 TUNING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # leaves room for the owner's id in the store's 128
@@ -408,17 +409,20 @@ class Prepared:
     include_usage: bool
     chat: bool
     holds: int = 0  # requests held in `Traffic` for `user`
+    tenant: str = ""  # the caller's key id: whose share of the engine it is
 
 
 class Service:
     """What the routes do; `create_app` wires it to HTTP."""
 
     def __init__(self, engine: Engine, store: Store, keys: KeyRing, base_name: str, *,
-                 max_tunings: int = MAX_TUNINGS_PER_KEY, max_bytes: int = MAX_BYTES_PER_KEY):
+                 max_tunings: int = MAX_TUNINGS_PER_KEY, max_bytes: int = MAX_BYTES_PER_KEY,
+                 max_requests: int = MAX_REQUESTS_PER_KEY):
         if not base_name:
             raise ValueError("base_name must name the base model (e.g. 'smollm2-135m')")
         self.engine, self.store, self.keys, self.base_name = engine, store, keys, base_name
-        self.max_tunings, self.max_bytes = max_tunings, max_bytes
+        self.max_tunings, self.max_bytes, self.max_requests = max_tunings, max_bytes, max_requests
+        self._in_flight: Counter[str] = Counter()  # requests of each key in the engine
         self.uploads = asyncio.Semaphore(UPLOADS_AT_ONCE)
         self._uploading: set[str] = set()  # keys with an upload in progress
         self.traffic = Traffic()
@@ -506,7 +510,8 @@ class Service:
             self.release(user, len(prompts))
             raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Prepared(body.model, user, prompts, options, limits, bool(body.stream), include_usage, chat, len(prompts))
+        return Prepared(body.model, user, prompts, options, limits, bool(body.stream), include_usage, chat, len(prompts),
+                        caller.id)
 
     def completion_prompts(self, prompt: str | list) -> list[list[int]]:
         """OpenAI's four prompt forms (text, tokens, a batch of either) as lists of token ids."""
@@ -583,29 +588,50 @@ class Service:
         return requested
 
     def start(self, prepared: Prepared) -> tuple[list[Run], asyncio.Queue]:
-        """Submit every prompt of a request; each run releases its hold on the tuning when it ends."""
+        """Submit every prompt of a request as the caller's (the engine shares its time fairly between keys);
+        each run releases its hold on the tuning when it ends."""
         events: asyncio.Queue = asyncio.Queue()
         runs: list[Run] = []
         loop = asyncio.get_running_loop()
         try:
+            self.enter(prepared.tenant, len(prepared.prompts))
+        except APIError:
+            self.release(prepared.user, prepared.holds)
+            raise
+        try:
             for i, (ids, limit) in enumerate(zip(prepared.prompts, prepared.max_tokens, strict=True)):
                 generation = self.engine.submit(GenerationRequest(prepared.user, ids, max_new_tokens=limit,
-                                                                  **prepared.options), loop=loop)
+                                                                  tenant=prepared.tenant, **prepared.options), loop=loop)
                 self.metrics.in_flight.inc()
-                runs.append(Run(i, generation, events, partial(self._ended, prepared.user)))
+                runs.append(Run(i, generation, events, partial(self._ended, prepared.user, prepared.tenant)))
                 self._keep(runs[-1].task)
         except BaseException as err:
             for run in runs:
                 run.cancel()
             self.release(prepared.user, prepared.holds - len(runs))
+            self.leave(prepared.tenant, len(prepared.prompts) - len(runs))
             if isinstance(err, Exception):
-                raise engine_error(err, prepared.model) from err
+                raise engine_error(err, prepared.model, prepared.user) from err
             raise
         return runs, events
 
-    def _ended(self, user: str | None) -> None:
+    def _ended(self, user: str | None, tenant: str) -> None:
         self.metrics.in_flight.dec()
         self.release(user, 1)
+        self.leave(tenant, 1)
+
+    def enter(self, tenant: str, count: int) -> None:
+        """Count `count` more requests of a key in flight; 429 past its limit (one key cannot fill the queue)."""
+        if self._in_flight[tenant] + count > self.max_requests:
+            raise APIError(429, f"You have {self._in_flight[tenant]} requests in flight, and this one would take you "
+                                f"past the {self.max_requests} a key may have at once; wait for some to finish.",
+                           code="too_many_requests", type="rate_limit_error")
+        self._in_flight[tenant] += count
+
+    def leave(self, tenant: str, count: int) -> None:
+        self._in_flight[tenant] -= count
+        if self._in_flight[tenant] <= 0:
+            del self._in_flight[tenant]
 
     def _keep(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
@@ -640,7 +666,7 @@ class Service:
             while len(done) < len(runs):
                 index, kind, value = await events.get()
                 if kind == "error":
-                    error = engine_error(value, prepared.model)
+                    error = engine_error(value, prepared.model, prepared.user)
                     yield sse(error_body(error.message, error.type, error.param, error.code))
                     return
                 if kind == "delta":
@@ -678,14 +704,13 @@ class Service:
             if user is None:
                 raise APIError(400, f"'{body.model}' is the base model; classification needs a classification tuning.",
                                param="model")
-            task = self.store.entry(user).task
-            if not task or task.get("kind") != "classification" or not task.get("labels"):
-                raise APIError(400, f"The tuning '{body.model}' was not trained for classification (no labels recorded "
-                                    "with it).", param="model")
-            try:
-                answers = await self.engine.aclassify(user, texts)
+            self.enter(caller.id, 1)
+            try:  # the engine checks the tuning's task (off the event loop) and the inputs
+                answers = await self.engine.aclassify(user, texts, tenant=caller.id)
             except Exception as err:
-                raise engine_error(err, body.model) from err
+                raise engine_error(err, body.model, user) from err
+            finally:
+                self.leave(caller.id, 1)
         finally:
             self.release(user, 1)
         data = [{"object": "classification", "index": i, "label": max(probs, key=probs.get), "probabilities": probs}
@@ -835,7 +860,10 @@ class Service:
         body = await parse(request, KeyBody)
         if len(body.name) > 200:
             raise APIError(400, "A key's name is at most 200 characters.", param="name")
-        key, info = await asyncio.to_thread(self.keys.create, body.name)
+        try:
+            key, info = await asyncio.to_thread(self.keys.create, body.name)
+        except KeyConfigError as err:  # the keys file is at its size limit
+            raise APIError(403, f"No key was made: {err}.", param="name", code="quota_exceeded") from err
         return JSONResponse({"object": "key", "id": info.id, "name": info.name, "created": info.created, "key": key}, 201)
 
     def list_keys(self, caller: Caller) -> dict:
@@ -935,14 +963,16 @@ def tuning_card(entry, name: str) -> dict:
             "task": entry.task}
 
 
-def engine_error(err: BaseException, model: str) -> BaseException:
-    """The HTTP answer for an error the engine raised."""
+def engine_error(err: BaseException, model: str, stored: str | None = None) -> BaseException:
+    """The HTTP answer for an error the engine raised; `stored`, the store's name of the tuning `model`, is
+    said in the caller's words."""
     if isinstance(err, APIError):
         return err
     if isinstance(err, UnknownUserError):
         return unknown_model(model)
     if isinstance(err, RequestError):
-        return APIError(400, f"{err}.", param=err.param, code="invalid_value")
+        message = str(err) if stored is None else str(err).replace(repr(stored), f"'{model}'").replace(stored, model)
+        return APIError(400, f"{message}.", param=err.param, code="invalid_value")
     if isinstance(err, EngineClosedError):
         return APIError(503, "The server is shutting down and takes no new requests.", type="server_error")
     if isinstance(err, Exception):
@@ -1012,10 +1042,11 @@ async def watch_disconnect(request: Request, runs: list[Run]) -> None:
 
 def create_app(engine: Engine, store: Store, keys: KeyRing, base_name: str, *, max_body: int = MAX_BODY,
                max_upload: int = MAX_UPLOAD, max_tunings_per_key: int = MAX_TUNINGS_PER_KEY,
-               max_bytes_per_key: int = MAX_BYTES_PER_KEY) -> FastAPI:
+               max_bytes_per_key: int = MAX_BYTES_PER_KEY, max_requests_per_key: int = MAX_REQUESTS_PER_KEY) -> FastAPI:
     """The HTTP app over `engine` (whose tunings come from `store`). Its shutdown closes the engine,
     after finishing the generations in flight."""
-    service = Service(engine, store, keys, base_name, max_tunings=max_tunings_per_key, max_bytes=max_bytes_per_key)
+    service = Service(engine, store, keys, base_name, max_tunings=max_tunings_per_key, max_bytes=max_bytes_per_key,
+                      max_requests=max_requests_per_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -1153,7 +1184,8 @@ def base_name_of(model: str) -> str:
 def serve(model: str = "smollm2-135m", store: str | os.PathLike = "slimtune-store", host: str = "127.0.0.1",
           port: int = 8000, admin_key_file: str | os.PathLike | None = None, max_resident: int = 64,
           max_batch: int = 32, max_tunings_per_key: int = MAX_TUNINGS_PER_KEY,
-          max_bytes_per_key: int = MAX_BYTES_PER_KEY, log_level: str = "info") -> None:
+          max_bytes_per_key: int = MAX_BYTES_PER_KEY, max_requests_per_key: int = MAX_REQUESTS_PER_KEY,
+          log_level: str = "info") -> None:
     """Open the model and the store, and serve until interrupted (Ctrl-C finishes in-flight requests)."""
     import torch
     import uvicorn
@@ -1173,7 +1205,7 @@ def serve(model: str = "smollm2-135m", store: str | os.PathLike = "slimtune-stor
     keys = KeyRing(tunings.path / "keys.json", admin_key)
     engine = Engine(base, tokenizer, tunings, max_resident=max_resident, max_batch=max_batch)
     app = create_app(engine, tunings, keys, base_name_of(model), max_tunings_per_key=max_tunings_per_key,
-                     max_bytes_per_key=max_bytes_per_key)
+                     max_bytes_per_key=max_bytes_per_key, max_requests_per_key=max_requests_per_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
 
 
