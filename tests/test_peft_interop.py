@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import LoHaConfig, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import slimtune
@@ -201,10 +201,9 @@ def test_export_prefix_on_gqa_uses_key_value_heads(tmp_path):
 # --- 3. what is refused ------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("config", "named"), [
-    (LoraConfig(task_type="CAUSAL_LM", r=4, use_dora=True), "DoRA"),
     (LoraConfig(task_type="CAUSAL_LM", r=4, modules_to_save=["lm_head"]), "modules_to_save"),
-    (IA3Config(task_type="CAUSAL_LM"), "IA3"),
-], ids=["dora", "modules_to_save", "ia3"])
+    (LoHaConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]), "LOHA"),
+], ids=["modules_to_save", "loha"])
 def test_unsupported_peft_folders_are_refused_by_name(tmp_path, config, named):
     model = get_peft_model(build("llama"), config)
     model.save_pretrained(tmp_path / "peft")
@@ -213,12 +212,12 @@ def test_unsupported_peft_folders_are_refused_by_name(tmp_path, config, named):
 
 
 @pytest.mark.parametrize(("change", "named"), [
-    ({"use_rslora": True}, "use_rslora"),
+    ({"lora_bias": True}, "lora_bias"),
     ({"bias": "all"}, "bias='all'"),
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
     ({"init_lora_weights": "pissa"}, "pissa"),
     ({"some_future_option": 3}, "some_future_option"),
-], ids=["rslora", "bias", "rank_pattern", "pissa", "unknown"])
+], ids=["lora_bias", "bias", "rank_pattern", "pissa", "unknown"])
 def test_unsupported_lora_options_are_refused_by_name(tmp_path, change, named):
     _, folder = peft_folder(tmp_path, "llama", "lora")
     config = json.loads((folder / "adapter_config.json").read_text())

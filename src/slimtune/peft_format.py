@@ -8,8 +8,14 @@ read or written; everything else is refused with the feature named.
 The three forms, PEFT's on the left:
 
 - LoRA: `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], scaled by
-  lora_alpha / r, are slimtune's `<module>.lora_A` / `.lora_B`. GPT-2's Conv1D layers take the
-  same A and B (PEFT sets fan_in_fan_out for them, which only matters when merging).
+  lora_alpha / r (lora_alpha / sqrt(r) with use_rslora, slimtune's `rslora=True`), are slimtune's
+  `<module>.lora_A` / `.lora_B`. GPT-2's Conv1D layers take the same A and B (PEFT sets
+  fan_in_fan_out for them, which only matters when merging).
+- DoRA (LoRA with use_dora): the same A and B, and `.lora_magnitude_vector` [out], slimtune's
+  `<module>.magnitude`, read as slimtune's `DoRA`.
+- IA3: `base_model.model.<module>.ia3_l`, [1, in] on a feed-forward module (it scales the input),
+  [out, 1] on any other (the output), is slimtune's `<module>.ia3` [in] or [out]; which modules are
+  feed-forward is read from that shape.
 - Prompt tuning: `prompt_embeddings` [k, d] is slimtune's `prompt`. PEFT puts it before the whole
   padded row ([prompt, pad, x]) with positions counted from the first column; slimtune puts it
   right before the row's own tokens ([pad, prompt, x]) with positions from the mask. The two agree
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,14 +40,15 @@ from torch import nn
 
 from . import modules, storage
 from .errors import ModelMismatchError, TuningError, TuningFileError
-from .methods import LoRA, Method, PrefixTuning, PromptTuning
+from .methods import IA3, DoRA, LoRA, Method, PrefixTuning, PromptTuning
+from .methods.ia3 import ia3_sites
 from .methods.prefix import PrefixComponent
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLED_WEIGHTS = "adapter_model.bin"  # older PEFT releases
 PREFIX = "base_model.model."  # what PEFT puts before a module's name in LoRA weight names
-READS = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING")
+READS = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")
 
 # LoRA options that do not change what the saved A and B compute (or are checked on their own).
 LORA_KNOWN = {
@@ -48,11 +56,15 @@ LORA_KNOWN = {
     "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layers_pattern",
     "layers_to_transform", "loftq_config", "lora_alpha", "lora_dropout", "megatron_core", "modules_to_save",
     "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "target_modules", "task_type",
+    "use_dora", "use_rslora",
+}
+IA3_KNOWN = {
+    "auto_mapping", "base_model_name_or_path", "exclude_modules", "fan_in_fan_out", "feedforward_modules",
+    "inference_mode", "init_ia3_weights", "modules_to_save", "peft_type", "peft_version", "revision", "target_modules",
+    "task_type",
 }
 # Say what a refused LoRA option does, so the message tells why slimtune cannot hold it.
 LORA_REFUSED = {
-    "use_dora": "DoRA (use_dora) learns a magnitude per output that rescales the updated weight; slimtune's LoRA has none",
-    "use_rslora": "rank-stabilised LoRA (use_rslora) scales by lora_alpha / sqrt(r); slimtune's LoRA scales by alpha / r",
     "lora_bias": "lora_bias adds a trained bias to lora_B; slimtune's lora_B has no bias",
     "target_parameters": "target_parameters puts LoRA on bare parameters (e.g. MoE experts); slimtune's LoRA is on linear layers",
     "trainable_token_indices": "trainable_token_indices trains some embedding rows; slimtune's LoRA has no such part",
@@ -82,7 +94,7 @@ def read(path: str | os.PathLike, model: nn.Module) -> tuple[Method, dict[str, t
     folder = Path(path)
     config = _read_config(folder)
     peft_type = config.get("peft_type")
-    readers = {"LORA": _read_lora, "PROMPT_TUNING": _read_prompt, "PREFIX_TUNING": _read_prefix}
+    readers = {"LORA": _read_lora, "IA3": _read_ia3, "PROMPT_TUNING": _read_prompt, "PREFIX_TUNING": _read_prefix}
     if peft_type not in readers:
         raise TuningError(
             f"'{folder}' holds a PEFT tuning of type {peft_type!r}, which slimtune has no equivalent for; "
@@ -195,29 +207,71 @@ def _read_lora(config: dict, tensors: dict, model: nn.Module, folder: Path) -> t
     if not isinstance(r, int) or not isinstance(alpha, (int, float)):
         raise TuningFileError(f"'{folder}': a LoRA config needs an integer r and a number lora_alpha, got r={r!r}, "
                               f"lora_alpha={alpha!r}")
-    weights = _lora_weights(tensors, folder)
+    dora = bool(config.get("use_dora"))
+    weights = _lora_weights(tensors, folder, dora)
+    what = "DoRA" if dora else "LoRA"
+    names = _linear_layers(model, weights, what, folder)
+    method = (DoRA if dora else LoRA)(
+        rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout") or 0.0),
+        targets=_selecting(model, config.get("target_modules"), names, folder, "target_modules"),
+        rslora=bool(config.get("use_rslora")),
+    )
+    state = {}
+    for name in names:
+        state[f"{name}.lora_A"] = weights[name]["lora_A"]
+        state[f"{name}.lora_B"] = weights[name]["lora_B"]
+        if dora:
+            state[f"{name}.magnitude"] = weights[name]["lora_magnitude_vector"]
+    # LoRAComponent.from_state checks every shape (rank, in and out features) against this model.
+    return method, state
+
+
+def _linear_layers(model: nn.Module, weights: dict, what: str, folder: Path) -> list[str]:
+    """The modules `weights` (by module name) are for, in the model's order, checked to be linear layers of `model`."""
     present = dict(model.named_modules())
     missing = sorted(name for name in weights if name not in present)
     if missing:
         raise ModelMismatchError(
-            f"'{folder}' has LoRA weights for {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}, "
+            f"'{folder}' has {what} weights for {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}, "
             f"which {type(model).__name__} does not have (its linear layers end in: {modules.describe_linears(model)}); "
             "it was made for another architecture"
         )
     for name in weights:
         if not modules.is_linear(present[name]):
             raise TuningError(
-                f"'{folder}' puts LoRA on {name!r}, a {type(present[name]).__name__}; "
-                "slimtune's LoRA is on linear layers (nn.Linear, Conv1D) only"
+                f"'{folder}' puts {what} on {name!r}, a {type(present[name]).__name__}; "
+                f"slimtune's {what} is on linear layers (nn.Linear, Conv1D) only"
             )
-    names = [name for name in present if name in weights]  # the model's order
-    method = LoRA(rank=r, alpha=float(alpha), dropout=float(config.get("lora_dropout") or 0.0),
-                  targets=_lora_targets(model, config.get("target_modules"), names, folder))
-    state = {}
+    return [name for name in present if name in weights]
+
+
+def _read_ia3(config: dict, tensors: dict, model: nn.Module, folder: Path) -> tuple[Method, dict]:
+    unknown = {k: v for k, v in config.items() if k not in IA3_KNOWN and v not in (None, False, {}, [], "")}
+    if unknown:
+        raise TuningError(f"'{folder}' sets PEFT IA3 options slimtune does not know: {unknown}; slimtune reads IA3 "
+                          "with target_modules and feedforward_modules on linear layers")
+    vectors = {}
+    for key, tensor in tensors.items():
+        if not (key.startswith(PREFIX) and key.endswith(".ia3_l")):
+            raise TuningError(f"'{folder}' holds the tensor {key!r}, which is not an IA3 vector of a linear layer; "
+                              f"slimtune reads tensors named {PREFIX}<module>.ia3_l")
+        vectors[key[len(PREFIX):-len(".ia3_l")]] = tensor
+    names = _linear_layers(model, vectors, "IA3", folder)
+    present = dict(model.named_modules())
+    state, feedforward = {}, []
     for name in names:
-        state[f"{name}.lora_A"] = weights[name]["lora_A"]
-        state[f"{name}.lora_B"] = weights[name]["lora_B"]
-    # LoRAComponent.from_state checks every shape (rank, in and out features) against this model.
+        d_in, d_out = modules.linear_features(present[name])
+        shape = tuple(vectors[name].shape)
+        if shape not in ((1, d_in), (d_out, 1)):
+            raise ModelMismatchError(
+                f"'{folder}': the IA3 vector of {name!r} has shape {shape}, this model needs (1, {d_in}) (a feed-forward "
+                f"module, scaling its input) or ({d_out}, 1) (scaling its output); it was made for a model of another size"
+            )
+        if shape == (1, d_in) and shape != (d_out, 1):  # PEFT's shape says which: [1, in] for its feed-forward modules
+            feedforward.append(name)
+        state[f"{name}.ia3"] = vectors[name].reshape(-1)
+    method = IA3(targets=_selecting(model, config.get("target_modules"), names, folder, "target_modules"),
+                 feedforward=_selecting(model, config.get("feedforward_modules"), feedforward, folder, "feedforward_modules"))
     return method, state
 
 
@@ -246,33 +300,36 @@ def _check_lora_config(config: dict, folder: Path) -> None:
         raise TuningError(f"'{folder}' sets PEFT LoRA options slimtune does not know: {unknown}; {supported}")
 
 
-def _lora_weights(tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {"lora_A": .., "lora_B": ..}} from PEFT's weight names, refusing any other tensor."""
+def _lora_weights(tensors: dict[str, torch.Tensor], folder: Path, dora: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {"lora_A": .., "lora_B": .. (, "lora_magnitude_vector": ..)}} from PEFT's weight names,
+    refusing any other tensor."""
+    parts = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
+    if dora:
+        parts["lora_magnitude_vector"] = ".lora_magnitude_vector"
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        for part in ("lora_A", "lora_B"):
-            suffix = f".{part}.weight"
+        for part, suffix in parts.items():
             if key.startswith(PREFIX) and key.endswith(suffix):
                 out.setdefault(key[len(PREFIX):-len(suffix)], {})[part] = tensor
                 break
         else:
             raise TuningError(
-                f"'{folder}' holds the tensor {key!r}, which is not a LoRA A or B of a linear layer "
-                "(DoRA magnitudes, embedding LoRA, biases and modules_to_save are not supported); "
-                f"slimtune reads tensors named {PREFIX}<module>.lora_A.weight / .lora_B.weight"
+                f"'{folder}' holds the tensor {key!r}, which is not a LoRA A or B {'or DoRA magnitude ' if dora else ''}"
+                "of a linear layer (embedding LoRA, biases and modules_to_save are not supported); slimtune reads tensors "
+                f"named {PREFIX}<module>{' / '.join(parts.values())}"
             )
-    for name, parts in out.items():
-        if len(parts) != 2:
-            raise TuningFileError(f"'{folder}' has only {sorted(parts)} for {name!r}; LoRA needs both lora_A and lora_B")
+    for name, found in out.items():
+        if len(found) != len(parts):
+            raise TuningFileError(f"'{folder}' has only {sorted(found)} for {name!r}; it needs {sorted(parts)}")
     return out
 
 
-def _lora_targets(model: nn.Module, target_modules, names: list[str], folder: Path) -> tuple[str, ...] | str:
-    """PEFT's own target_modules when, on this model, they pick exactly the layers that have weights
-    (same matching rule as slimtune's), else the layers' full names (exclude_modules and
+def _selecting(model: nn.Module, patterns, names: list[str], folder: Path, field: str) -> tuple[str, ...] | str:
+    """PEFT's own patterns (`field`: target_modules, feedforward_modules) when, on this model, they pick exactly
+    the layers `names` (same matching rule as slimtune's), else the layers' full names (exclude_modules and
     layers_to_transform narrow PEFT's choice in ways target_modules alone does not say)."""
-    what = f"'{folder}': PEFT target_modules"
-    candidate = modules.check_patterns(target_modules, what)  # a string is matched by RE2, as slimtune's own
+    what = f"'{folder}': PEFT {field}"
+    candidate = modules.check_patterns(patterns, what)  # a string is matched by RE2, as slimtune's own
     if candidate:
         candidate = candidate if isinstance(candidate, str) else tuple(sorted(candidate))  # PEFT's set, in any order
         if [n for n, _ in modules.find_linears(model, candidate, what)] == names:
@@ -286,12 +343,13 @@ def write(tuned, path: str | os.PathLike) -> Path:
     """Write `tuned` as a PEFT folder that `peft.PeftModel.from_pretrained(model, path)` loads; the
     weights first and the config last, each atomically, so a half-written folder never looks whole."""
     method = tuned.method
-    writers = {"lora": _lora_folder, "prompt": _prompt_folder, "prefix": _prefix_folder}
+    writers = {"lora": _lora_folder, "dora": _lora_folder, "ia3": _ia3_folder, "prompt": _prompt_folder,
+               "prefix": _prefix_folder}
     if method.kind not in writers:
         what = NO_EQUIVALENT.get(method.kind, f"{method.kind} tunings")
         raise TuningError(
             f"PEFT has no equivalent of slimtune's {what}, so it cannot be saved with format='peft'; "
-            "format='peft' writes LoRA, prompt tuning and prefix tuning (save it with format='slimtune')"
+            "format='peft' writes LoRA, DoRA, IA3, prompt tuning and prefix tuning (save it with format='slimtune')"
         )
     state = tuned.bank.state(tuned.user)
     if any(name.startswith("head.") for name in state):
@@ -319,12 +377,16 @@ def _common(model: nn.Module, peft_type: str, task_type: str | None) -> dict:
     }
 
 
+def _task_type(model: nn.Module) -> str | None:
+    return "CAUSAL_LM" if modules.is_causal_decoder(model) else "SEQ_2_SEQ_LM" if modules.is_encoder_decoder(model) else None
+
+
 def _lora_folder(tuned, method: LoRA, state: dict) -> tuple[dict, dict]:
     model = tuned.model
     names = [key[: -len(".lora_A")] for key in state if key.endswith(".lora_A")]
     found = dict(model.named_modules())
-    task = "CAUSAL_LM" if modules.is_causal_decoder(model) else "SEQ_2_SEQ_LM" if modules.is_encoder_decoder(model) else None
-    config = _common(model, "LORA", task) | {
+    dora = isinstance(method, DoRA)
+    config = _common(model, "LORA", _task_type(model)) | {
         "alpha_pattern": {},
         "bias": "none",
         "exclude_modules": None,
@@ -337,14 +399,50 @@ def _lora_folder(tuned, method: LoRA, state: dict) -> tuple[dict, dict]:
         "r": method.rank,
         "rank_pattern": {},
         "target_modules": _peft_targets(model, method.targets, names),
-        "use_dora": False,
-        "use_rslora": False,
+        "use_dora": dora,
+        "use_rslora": method.rslora,
     }
     tensors = {}
     for name in names:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = state[f"{name}.lora_A"]
         tensors[f"{PREFIX}{name}.lora_B.weight"] = state[f"{name}.lora_B"]
+        if dora:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = state[f"{name}.magnitude"]
     return config, tensors
+
+
+def _ia3_folder(tuned, method: IA3, state: dict) -> tuple[dict, dict]:
+    model = tuned.model
+    sites = ia3_sites(model, method)
+    found = dict(model.named_modules())
+    targets = _peft_targets(model, method.targets, list(sites))
+    feedforward = _peft_feedforward(targets, method.feedforward, sites)
+    config = _common(model, "IA3", _task_type(model)) | {
+        "exclude_modules": None,
+        "fan_in_fan_out": any(not isinstance(found[n], nn.Linear) for n in sites),  # GPT-2's Conv1D
+        "feedforward_modules": feedforward,
+        "init_ia3_weights": True,
+        "target_modules": targets,
+    }
+    tensors = {f"{PREFIX}{name}.ia3_l": state[f"{name}.ia3"].reshape((1, -1) if ff else (-1, 1))
+               for name, (_, ff) in sites.items()}
+    return config, tensors
+
+
+def _peft_feedforward(targets: list[str] | str, feedforward, sites: dict[str, tuple[int, bool]]) -> list[str] | str:
+    """feedforward_modules that make PEFT treat exactly the feed-forward ones of `sites` so. PEFT decides it among
+    its targets, by a full match for a string and by a plain `endswith` for a list, and wants a list to be a
+    subset of a list of target_modules."""
+    wanted = sorted(n for n, (_, ff) in sites.items() if ff)
+    candidates = [feedforward, sorted({n.rsplit(".", 1)[-1] for n in wanted}), wanted]
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        fits = isinstance(candidate, str) or isinstance(targets, str) or set(candidate) <= set(targets)
+        if fits and sorted(n for n in sites if _peft_feedforward_match(candidate, n)) == wanted:
+            return candidate if isinstance(candidate, str) else list(candidate)
+    raise TuningError(f"IA3's feed-forward modules {wanted[:3]} cannot be named in PEFT's feedforward_modules so that PEFT "
+                      "picks exactly them among its target_modules")
 
 
 def _peft_targets(model: nn.Module, targets, names: list[str]) -> list[str] | str:
@@ -355,6 +453,12 @@ def _peft_targets(model: nn.Module, targets, names: list[str]) -> list[str] | st
         if candidate and sorted(filter(modules.matcher(candidate), every)) == sorted(names):
             return candidate if isinstance(candidate, str) else list(candidate)
     return list(names)
+
+
+def _peft_feedforward_match(patterns: str | Sequence[str], name: str) -> bool:
+    if isinstance(patterns, str):
+        return modules.compile_pattern(patterns, "IA3 feedforward")(name)
+    return name.endswith(tuple(patterns))
 
 
 def _prompt_folder(tuned, method: PromptTuning, state: dict) -> tuple[dict, dict]:
