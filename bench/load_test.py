@@ -45,6 +45,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -397,6 +398,18 @@ def hostile_payloads(model_name: str, lora: Path, folder: Path, prompt_bytes: in
     return payloads
 
 
+def honest_payloads(model_name: str) -> list[dict]:
+    """What a 17th well-behaved tenant sends in the hostile tenant's place (`--honest`): completions of its own
+    tuning like the other clients' (16 tokens, one in four streamed): the anchor for a fair share."""
+    payloads = []
+    for i in range(4):
+        prompt = " ".join(_word(model_name, 30 + i + j) for j in range(4))
+        body = {"model": "mine", "prompt": prompt, "max_tokens": 16, **({"stream": True} if i == 3 else {})}
+        payloads.append({"kind": "completion" + ("_stream" if i == 3 else ""), "path": "/v1/completions",
+                         "content": _json(body), "stream": i == 3})
+    return payloads
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True)
     return path
@@ -537,15 +550,16 @@ def summarise(context: dict, load: dict | None, probe_out: dict | None, hostile_
         "check_after": checked(after, context["check_want"]) if not hung else None,
         "health_probe": health,
     }
-    if context["head"]["hostile"]:
+    if context["head"]["hostile"] or context["head"].get("honest"):
+        name = "hostile_tenant" if context["head"]["hostile"] else "honest_tenant"
         if hostile_out:
             by_status: Counter[str] = Counter()
             for outcomes in hostile_out["counts"].values():
                 by_status.update(outcomes)
-            report["hostile_tenant"] = {"tasks": context["hostile_tasks"], "requests": sum(by_status.values()),
-                                        "by_status": dict(sorted(by_status.items())), **hostile_out}
+            report[name] = {"tasks": context["hostile_tasks"], "requests": sum(by_status.values()),
+                            "by_status": dict(sorted(by_status.items())), **hostile_out}
         else:
-            report["hostile_tenant"] = None
+            report[name] = None
     report["hung"] = hung
     report["alone_reference_seconds"] = context["alone_reference_seconds"]
     report["source"], report["machine"] = context["source"], context["machine"]
@@ -565,11 +579,19 @@ def source() -> dict:
     return {"commit": git("rev-parse", "HEAD"), "changed_under_src": changed}
 
 
-def watchdog(run: str, out: str, seconds: float, main_pid: int) -> None:
-    """If this process is not ended within `seconds` (the run is over), the server froze this benchmark's
-    process: write the report from what the client processes saved, and end them and the benchmark."""
-    time.sleep(seconds)
+def watchdog(run: str, out: str, seconds: float, grace: float, main_pid: int) -> None:
+    """If this process is not ended within `seconds`, or `grace` seconds after run/finished appears (the
+    run is over by then), the server froze this benchmark's process: write the report from what the client
+    processes saved, and end them and the benchmark (and remove its temporary folder)."""
     folder = Path(run)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (folder / "finished").exists():
+            deadline = min(deadline, time.monotonic() + grace)
+            seconds = grace
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            break
+        time.sleep(0.5)
 
     def saved(name: str) -> dict | None:
         path = folder / f"{name}.json"
@@ -580,13 +602,14 @@ def watchdog(run: str, out: str, seconds: float, main_pid: int) -> None:
         report = summarise(context, saved("load"), saved("probe"), saved("hostile"), None, None, hung=True)
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2), flush=True)
-    print(f"HUNG: the benchmark's process did not finish within {seconds:.0f} s of the load's start; ended it",
-          file=sys.stderr, flush=True)
+    print(f"HUNG: the benchmark's process did not finish within {seconds:.0f} s; ended it", file=sys.stderr,
+          flush=True)
     for pid in [int(p.name.rsplit("-", 1)[1]) for p in folder.glob("pid-*")] + [main_pid]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -639,14 +662,20 @@ def main() -> int:
     p.add_argument("--scale", type=float, default=0.1, help="size of the tunings' random values")
     p.add_argument("--timeout", type=float, default=900, help="seconds the load may take at most")
     p.add_argument("--hostile", action="store_true", help="add the hostile tenant beside the well-behaved clients")
-    p.add_argument("--hostile-tasks", type=int, default=4, help="the hostile tenant's concurrent requests")
+    p.add_argument("--honest", action="store_true",
+                   help="add a 17th, well-behaved tenant in the hostile tenant's place (same tasks, same loop): what a "
+                        "fair share costs the others")
+    p.add_argument("--hostile-tasks", type=int, default=4, help="the hostile (or honest) tenant's concurrent requests")
     p.add_argument("--hostile-timeout", type=float, default=30, help="seconds one hostile request may take")
     p.add_argument("--out", help="JSON results (default: bench/results/load_test_<model>.json)")
     args = p.parse_args()
+    if args.hostile and args.honest:
+        p.error("--hostile and --honest put a tenant in the same place: choose one")
+    extra = args.hostile or args.honest  # a 17th tenant beside the clients
     torch.manual_seed(0)
     out = Path(args.out or Path(__file__).parent / "results" / f"load_test_{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_timeout = min(args.timeout, 300)
+    check_timeout = min(args.timeout, 120)
     ctx = get_context("spawn")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -654,15 +683,16 @@ def main() -> int:
         run.mkdir()
         model, tokenizer = open_model(args.model)
         tunings = make_tunings(args.model, args.users, Path(tmp) / "saved", args.scale)
-        if args.hostile:
+        if extra:
             lora = hostile_tuning(args.model, Path(tmp) / "hostile", args.scale)
-            payloads = hostile_payloads(args.model, lora, Path(tmp) / "hostile", 2**20)
+            payloads = (hostile_payloads(args.model, lora, Path(tmp) / "hostile", 2**20) if args.hostile
+                        else honest_payloads(args.model))
         store = slimtune.Store(Path(tmp) / "store", model)
         engine = Engine(model, tokenizer, store, max_resident=args.max_resident, max_batch=args.max_batch)
         app = create_app(engine, store, KeyRing(store.path / "keys.json", ADMIN), args.model)
         with running(app) as url, httpx.Client(base_url=url, timeout=120) as http:
             users = setup_users(http, tunings)
-            hostile_key = setup_hostile(http, args.model, lora) if args.hostile else None
+            hostile_key = setup_hostile(http, args.model, lora) if extra else None
             prompts = prompts_for(args.model, args.prompts * args.users)
             started = time.perf_counter()
             expected = {(u, j): engine.generate(user["stored"], prompts[u * args.prompts + j], max_new_tokens=args.max_tokens)
@@ -682,14 +712,15 @@ def main() -> int:
                 return [{k: v for k, v in item.items() if k != "want"} for item in items]
 
             check_want = [expected[item["want"]].text for item in checks]
-            with ProcessPoolExecutor(3 if args.hostile else 2, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(3 if extra else 2, mp_context=ctx) as pool:
                 before = pool.submit(drive, url, sent(checks), min(args.clients, 16), check_timeout).result()
                 context = {
                     "head": {"command": " ".join(["python bench/load_test.py", *sys.argv[1:]]),
                              "model": args.model, "users": args.users, "methods": sorted({u["kind"] for u in users}),
                              "clients": args.clients, "requests": args.requests,
                              "streamed": sum(item["stream"] for item in plan), "max_tokens": args.max_tokens,
-                             "max_batch": args.max_batch, "max_resident": args.max_resident, "hostile": args.hostile},
+                             "max_batch": args.max_batch, "max_resident": args.max_resident, "hostile": args.hostile,
+                             "honest": args.honest},
                     "want": [expected[item["want"]].text for item in plan], "check_want": check_want,
                     "check_before": checked(before, check_want), "hostile_tasks": args.hostile_tasks,
                     "alone_reference_seconds": round(alone_seconds, 2), "source": source(),
@@ -698,14 +729,15 @@ def main() -> int:
                 }
                 storage.atomic_write_json(run / "context.json", context)
                 limit = args.timeout + 120  # the load, and the clients' start before it
+                grace = args.hostile_timeout + check_timeout + 120  # after the load: the tenant's last, the check
                 guard = ctx.Process(target=watchdog, daemon=True,
-                                    args=(str(run), str(out), limit + args.hostile_timeout + check_timeout + 120, os.getpid()))
+                                    args=(str(run), str(out), limit + grace, grace, os.getpid()))
                 guard.start()
                 steps_before, tokens_before = engine.stats.steps, engine.stats.generated_tokens
                 probing = pool.submit(probe, url, str(run), 0.1, limit)
                 attacking = (pool.submit(hostile, url, hostile_key, payloads, args.hostile_tasks, args.hostile_timeout,
-                                         str(run), limit) if args.hostile else None)
-                ready = ["probe", "hostile"] if args.hostile else ["probe"]
+                                         str(run), limit) if extra else None)
+                ready = ["probe", "hostile"] if extra else ["probe"]
                 try:
                     load = pool.submit(drive, url, sent(plan), args.clients, args.timeout, str(run),
                                        tuple(ready)).result(
