@@ -180,9 +180,9 @@ class IA3Component(Component):
         """Each row's vector at this layer, shaped to multiply `h` ([batch, ..., width]): 1 on rows of other
         methods, of the base model, of users without this layer, and of a merged user."""
         routing = active()
-        if routing is None:
-            return None
         batch = h.shape[0]
+        if routing is None or not routing.groups(self, batch):
+            return None
         users, rows, which = routing.stacked(self, batch)
         live = [u for u in users if u != self.merged and name in self.tuning(u).scales_input]
         if not live:
