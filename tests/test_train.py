@@ -3,6 +3,7 @@ trains many users at once."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -160,3 +161,77 @@ def test_the_fused_language_model_loss_equals_the_ordinary_one(arch):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(tuned.tuning_parameters()[0].grad, want_grad, atol=1e-5, rtol=1e-4)
     assert fusable_head(slimtune.attach(build(arch), slimtune.FullFineTuning()).model) is None  # a trained head
+
+
+def test_predicting_batch_by_batch_gives_predicts_answers_and_counts_every_example(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.formats import predict
+    from slimtune.progress import Progress
+    from slimtune.train import predict_with_progress
+
+    class Counted(Progress):
+        def __init__(self):
+            self.advances = []
+
+        def advance(self, n=1, **figures):
+            self.advances.append(n)
+
+    task = load_task(tiny["data"], seed=0)
+    tuned = slimtune.attach(AutoModelForCausalLM.from_pretrained(tiny["model"]), slimtune.PromptTuning(length=3),
+                            tokenizer=tokenizer())
+    fmt = Format.for_model(task, tokenizer(), tuned.model, max_length=16)
+    examples = task.train[:37]
+    counted = Counted()
+    answers = predict_with_progress(tuned.bank, fmt, examples, ["default"] * 37, counted, batch_size=8)
+    assert answers == predict(tuned.bank, fmt, examples, ["default"] * 37, batch_size=8)
+    assert counted.advances == [8, 8, 8, 8, 5]
+
+
+def test_a_phase_in_a_log_is_one_line_and_on_a_terminal_a_bar_with_its_scores_kept():
+    import io
+
+    from slimtune.progress import Display, Relay
+
+    log = io.StringIO()
+    display = Display(log, terminal=False)
+    display.start("training", 4, "step")
+    for loss in (0.9, 0.7, 0.5):
+        display.advance(1, loss=loss)
+    display.start("validation at step 3", 10, "example")
+    display.advance(10)
+    display.end(accuracy=0.8)
+    display.advance(1, loss=0.4)
+    display.end()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 2
+    assert re.fullmatch(r"validation at step 3: 10/10 examples in 0 s \(.+ examples/s\), accuracy 0\.800", lines[0])
+    assert re.fullmatch(r"training: 4/4 steps in 0 s \(.+ steps/s\), loss 0\.400", lines[1])
+
+    # The same events sent from another process through a pipe draw the same lines there.
+    import multiprocessing
+
+    receive, send = multiprocessing.Pipe(duplex=False)
+    relay = Relay(send)
+    relay.start("training", 2, "step", done=1)
+    relay.advance(1, loss=0.25)
+    relay.end()
+    relayed = io.StringIO()
+    there = Display(relayed, terminal=False, depth=1)
+    for _ in range(3):
+        there.apply(receive.recv())
+    assert re.fullmatch(r"  training: 2/2 steps \(resumed at 1\) in 0 s \(.+\), loss 0\.250\n", relayed.getvalue())
+
+    # On a terminal: a bar per phase; the inner one vanishes, its scores left as a line above the kept bar.
+    screen = io.StringIO()
+    display = Display(screen, terminal=True)
+    display.start("training", 2, "step")
+    display.advance(1, loss=0.5)
+    display.start("validation at step 1", 4, "example")
+    display.advance(4)
+    display.end(accuracy=0.75)
+    display.advance(1, loss=0.25)
+    display.end()
+    drawn = screen.getvalue()
+    assert "\r" in drawn and "2/2" in drawn and "loss=0.250" in drawn
+    assert re.search(r"validation at step 1: 4/4 examples in 0 s \(.+\), accuracy 0\.750\n", drawn)

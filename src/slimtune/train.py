@@ -35,6 +35,7 @@ from .errors import TuningError
 from .formats import Format, metrics, predict
 from .losses import fusable_head, linear_cross_entropy, loss_sum
 from .modules import accepts
+from .progress import Display, Progress
 from .store import Store
 
 # Prompt and prefix tuning need far larger rates than weights that are already well placed. Li & Liang's
@@ -78,7 +79,10 @@ def primary_metric(fmt: Format) -> str:
 class Trainer:
     def __init__(self, bank: Bank, fmt: Format, config: TrainConfig, out: str | os.PathLike,
                  train: list[Example], train_users: list[str], validation: list[Example],
-                 validation_users: list[str], on_step: Callable[[int], None] | None = None):
+                 validation_users: list[str], on_step: Callable[[int], None] | None = None,
+                 progress: Progress | None = None):
+        """`progress` shows the training steps and validations (default: a `Display` on stderr, on the
+        first process only)."""
         if not train:
             raise TuningError("the training split is empty: nothing to train on")
         if config.batch_size % config.grad_accum:
@@ -90,6 +94,7 @@ class Trainer:
         self.on_step = on_step
         self.users = sorted(set(train_users))
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.progress = progress or (Display() if self.rank == 0 else Progress())
         self.device = next(bank.model.parameters()).device
         self.params = self._trainable()
         self._keeps_logits = fmt.style != "head" and accepts(bank.model, "logits_to_keep")
@@ -137,8 +142,8 @@ class Trainer:
             torch.manual_seed(self.config.seed)
             if self.rank == 0:
                 (self.out / "log.jsonl").write_text("")
-        progress = self._progress()
-        last_metric = None
+        self.progress.start("training", self.steps, "step", done=self.step)
+        last_metric, loss = None, None
         while self.step < self.steps:
             t0 = time.perf_counter()
             loss = self._train_step(self.step)
@@ -149,17 +154,14 @@ class Trainer:
                 last_metric = self._evaluate()
                 record["validation"] = last_metric
             self._log(record)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.3f}", **({primary_metric(self.fmt): f"{self._primary(last_metric):.3f}"}
-                                                            if last_metric else {}))
+            self.progress.advance(1, loss=loss, **({primary_metric(self.fmt): self._primary(last_metric)}
+                                                   if last_metric else {}))
             every = self.config.checkpoint_every or self.config.eval_every
             if self.step % every == 0 or self.step == self.steps:
                 self._save_checkpoint()
             if self.on_step is not None:
                 self.on_step(self.step)
-        if progress is not None:
-            progress.close()
+        self.progress.end(**({"loss": loss} if loss is not None else {}))
         if not self.validation and self.rank == 0:  # nothing to choose a best step by: keep the final tuning
             self.save_tunings(self.out)
         summary = {
@@ -230,8 +232,14 @@ class Trainer:
             self._barrier()
             return None
         self.bank.eval()
-        predictions = predict(self.bank, self.fmt, self.validation, self.validation_users)
+        self.progress.start(f"validation at step {self.step}", len(self.validation), "example")
+        predictions = predict_with_progress(self.bank, self.fmt, self.validation, self.validation_users, self.progress)
         result = metrics(self.fmt.task, self.validation, predictions)
+        shown = {k: v for k, v in result.items() if k in ("accuracy", "macro_f1", "rougeL", "bleu")}
+        if self.fmt.task.kind == "classification":  # how often each label was answered: one alone is a failed run
+            result["predicted_labels"] = {label: predictions.count(label) for label in self.fmt.task.labels
+                                          if label in predictions}
+        self.progress.end(**shown)
         if self.best is None or self._primary(result) > self.best:
             self.best, self.best_step = self._primary(result), self.step
             self.save_tunings(self.out)
@@ -256,13 +264,6 @@ class Trainer:
         if self.rank == 0:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-    def _progress(self):
-        if self.rank != 0:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
 
     # --- checkpoints -----------------------------------------------------------------------------
 
@@ -309,6 +310,23 @@ class Trainer:
             log = self.out / "log.jsonl"
             kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             storage.atomic_write(log, "".join(line + "\n" for line in kept).encode())
+
+
+def predict_with_progress(bank: Bank, fmt: Format, examples: list[Example], users: list[str | None],
+                          progress: Progress, batch_size: int = 16) -> list[str]:
+    """`formats.predict`, advancing `progress` (a phase the caller starts and ends) after every batch.
+
+    The examples are taken in predict's own order (by length) and handed to it a batch at a time, so the
+    batches, and the answers, are the ones it would make in one call."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].text) + len(examples[i].text_pair or ""))
+    answers = [""] * len(examples)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        for i, answer in zip(rows, predict(bank, fmt, [examples[i] for i in rows], [users[i] for i in rows], batch_size),
+                             strict=True):
+            answers[i] = answer
+        progress.advance(len(rows))
+    return answers
 
 
 def summed_loss(bank: Bank, users: list[str], inputs: dict, labels: torch.Tensor, head: torch.nn.Linear | None):
