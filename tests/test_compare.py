@@ -4,6 +4,7 @@ the README's main job on the real default model and data."""
 import csv
 import dataclasses
 import json
+import re
 
 import pytest
 from tiny import model_folder, sentiment_file, tokenizer
@@ -19,9 +20,9 @@ def started(monkeypatch):
     """The (configuration, resume) of each configuration process the study starts, in order."""
     calls, real = [], compare.run_child
 
-    def recorded(spec, run_dir, resume):
+    def recorded(spec, run_dir, resume, **options):
         calls.append((spec, resume))
-        return real(spec, run_dir, resume)
+        return real(spec, run_dir, resume, **options)
 
     monkeypatch.setattr(compare, "run_child", recorded)
     return calls
@@ -134,12 +135,23 @@ def test_studies_sharing_a_runs_folder_train_their_common_configurations_once(ti
         compare.main([*common, "--ood-task", str(tiny["data"]), "--methods", "prompt", "--out", str(tmp_path / "other")])
 
 
-def test_running_the_same_study_again_reuses_finished_runs_and_refuses_other_settings(tiny, tmp_path, monkeypatch):
+def test_running_the_same_study_again_reuses_finished_runs_and_refuses_other_settings(tiny, tmp_path, monkeypatch,
+                                                                                      capfd):
     out = tmp_path / "out"
     args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),
             "--methods", "design", "lora", "--budget", "smoke", "--out", str(out)]
     assert compare.main(args) == 0
     first = json.loads((out / "results.json").read_text())
+    # In a log (not a terminal), a line as each configuration starts and one as each of its phases ends,
+    # drawn by the study from what each configuration's own process reports.
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert [re.sub(r" in \d+ s .*| \(\d+ s so far\)", "", line) for line in lines] == [
+        f"compare 1/2: prompt design (0-shot) on {tiny['model']}", "  evaluating data: 8/8 examples",
+        "  evaluating ood (OOD): 8/8 examples", f"compare 2/2: LoRA on {tiny['model']}",
+        "  training: 2/2 steps", "  evaluating data: 8/8 examples", "  evaluating ood (OOD): 8/8 examples"]
+    assert re.fullmatch(r"  training: 2/2 steps in \d+ s \(.+ steps?/s\), loss \d+\.\d{3}", lines[4])
 
     def no_child(*a, **k):
         raise AssertionError("a finished configuration was run again")
@@ -147,6 +159,8 @@ def test_running_the_same_study_again_reuses_finished_runs_and_refuses_other_set
     monkeypatch.setattr(compare, "run_child", no_child)
     assert compare.main(args) == 0
     assert json.loads((out / "results.json").read_text()) == first
+    assert [line.split(": ")[1].split(" in ")[0] for line in capfd.readouterr().err.splitlines()] == [
+        "reusing the finished run"] * 2
     # Another out-of-distribution task into the same folder would mix two studies in one table: refused,
     # nothing changed.
     other = [*args[:5], str(tiny["data"]), *args[6:]]

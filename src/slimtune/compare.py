@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import TuningError
+from .progress import Display, Progress, Relay, Study
 
 # Budgets: `quick` finishes in minutes on 2 CPU cores, `full` is for published figures, `smoke`
 # only proves the pipeline runs (CI). A training checkpoints every `checkpoint_every` steps (None: at its end).
@@ -93,19 +94,21 @@ def method_config(spec: Spec, task, model):
     return slimtune.FullFineTuning()
 
 
-def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
+def run_spec(spec: Spec, out: Path, resume: bool = False, progress: Progress | None = None) -> dict:
     """Train (unless prompt design) and evaluate one configuration; returns its table row. With `resume`
-    the training goes on from the last checkpoint in `out`."""
+    the training goes on from the last checkpoint in `out`. `progress` shows its training and evaluations
+    (default: a `Display` on stderr)."""
     import torch
 
     import slimtune
     from slimtune.cli import open_model
     from slimtune.data import load_task
     from slimtune.design import PromptDesign
-    from slimtune.formats import Format, label_translation, metrics, predict, write_predictions
-    from slimtune.train import TrainConfig, Trainer, lr_key, peak_memory
+    from slimtune.formats import Format, label_translation, metrics, write_predictions
+    from slimtune.train import TrainConfig, Trainer, lr_key, peak_memory, predict_with_progress
 
     budget = BUDGETS[spec.budget]
+    progress = progress or Display()
     torch.manual_seed(spec.seed)
     task = load_task(spec.task, seed=spec.seed)
     ood = load_task(spec.ood_task, seed=spec.seed) if spec.ood_task else None
@@ -122,6 +125,13 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
         seen, unseen = task.shifted_test
         row.update(task=f"{task.name} ({seen})", ood_task=f"{task.name} ({unseen})")
 
+    def predict(bank, fmt, examples, users, side):
+        progress.start(f"evaluating {row['task'] if side == 'in' else row['ood_task'] + ' (OOD)'}", len(examples),
+                       "example")
+        predictions = predict_with_progress(bank, fmt, examples, users, progress)
+        progress.end()
+        return predictions
+
     def scored(t, examples, predictions, side):  # the answers are kept beside the scores: predictions-in/-ood.jsonl
         write_predictions(out / f"predictions-{side}.jsonl", examples, predictions)
         return metrics(t, examples, predictions)
@@ -136,7 +146,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
             if t is None:
                 continue
             bank, user, fmt = design.prepare(model, tokenizer, t, max_length=budget["max_length"])
-            scores[name] = scored(t, examples, predict(bank, fmt, examples, [user] * len(examples)), name)
+            scores[name] = scored(t, examples, predict(bank, fmt, examples, [user] * len(examples), name), name)
             bank.detach()
         head, cue = design.parts(task, tokenizer)
         row.update(trainable=0, share=0.0, bytes_stored=len((head + cue).encode()), train_seconds=0.0, steps=0)
@@ -149,17 +159,17 @@ def run_spec(spec: Spec, out: Path, resume: bool = False) -> dict:
                              checkpoint_every=budget["checkpoint_every"])
         users = ["default"] * len(task.train)
         # No validation passes: the study scores the final tuning on the test sets, never picks a step.
-        trainer = Trainer(tuned.bank, fmt, config, out, task.train, users, [], [])
+        trainer = Trainer(tuned.bank, fmt, config, out, task.train, users, [], [], progress=progress)
         summary = trainer.run(resume=resume)
         tuned.eval()
-        scores = {"in": scored(task, test, predict(tuned.bank, fmt, test, ["default"] * len(test)), "in")}
+        scores = {"in": scored(task, test, predict(tuned.bank, fmt, test, ["default"] * len(test), "in"), "in")}
         if ood is not None:
             ood_fmt = Format.for_model(ood, tokenizer, model, max_length=budget["max_length"])
             if fmt.style == "head":  # the head answers in the training task's labels
                 translation = label_translation(task, ood)
-                predictions = [translation[p] for p in predict(tuned.bank, fmt, ood_test, ["default"] * len(ood_test))]
+                predictions = [translation[p] for p in predict(tuned.bank, fmt, ood_test, ["default"] * len(ood_test), "ood")]
             else:
-                predictions = predict(tuned.bank, ood_fmt, ood_test, ["default"] * len(ood_test))
+                predictions = predict(tuned.bank, ood_fmt, ood_test, ["default"] * len(ood_test), "ood")
             scores["ood"] = scored(ood, ood_test, predictions, "ood")
         report = slimtune.parameter_report(tuned)
         row.update(trainable=report.trainable, share=report.trainable / n_params, bytes_stored=report.bytes_stored,
@@ -181,13 +191,14 @@ CHILD_MODULES = ["torch", "transformers", "slimtune", "slimtune.cli", "slimtune.
                  "slimtune.formats", "slimtune.train", "slimtune.compare"]
 
 
-def run_child(spec: Spec, run_dir: Path, resume: bool) -> dict | None:
+def run_child(spec: Spec, run_dir: Path, resume: bool, progress: Progress | None = None) -> dict | None:
     """Run one configuration in a process of its own, so that its peak memory is its own; its row, or
-    None when it failed (its error is on stderr).
+    None when it failed (its error is on stderr). Its phases (training steps, evaluations) come back
+    through the same pipe as its row and go to `progress`, in this process.
 
     The process is forked from a server that has imported torch and transformers once, instead of
     starting a fresh interpreter that spends seconds importing them for every configuration. The
-    server starts with progress bars off: the study's own bar is the display.
+    server starts with the libraries' progress bars off: the study draws its own.
     """
     import multiprocessing
 
@@ -210,21 +221,31 @@ def run_child(spec: Spec, run_dir: Path, resume: bool) -> dict | None:
     process = context.Process(target=_child, args=(asdict(spec), str(run_dir), resume, send))
     process.start()
     send.close()
+    progress = progress or Progress()
+    row = None
     try:
-        row = receive.recv()
+        while True:
+            message = receive.recv()
+            if message[0] == "row":
+                row = message[1]
+                break
+            progress.apply(message)
     except EOFError:  # it ended without a row
         row = None
     finally:
         receive.close()
         process.join()
+        progress.close()
     return row if process.exitcode == 0 else None
 
 
 def _child(spec: dict, run_dir: str, resume: bool, send) -> None:
-    """A configuration's process: its row goes back to the study; what the libraries print is dropped."""
+    """A configuration's process: its phases and then its row go back to the study; what the libraries
+    print is dropped."""
     os.environ["TQDM_DISABLE"] = "1"  # for libraries not imported yet (all of them where processes are spawned)
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this process)
-    send.send(run_spec(Spec(**spec), Path(run_dir), resume=resume))
+    row = run_spec(Spec(**spec), Path(run_dir), resume=resume, progress=Relay(send))
+    send.send(("row", row))
     send.close()
 
 
@@ -235,32 +256,43 @@ def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh
     Each configuration runs in a folder of its own under `runs` (default `out/runs`). Studies given the
     same `runs` share the configurations they have in common: each is trained once.
     """
-    from tqdm.auto import tqdm
-
     from . import storage
 
     out.mkdir(parents=True, exist_ok=True)
     runs = runs or out / "runs"
     rows = []
-    bar = tqdm(specs, desc=progress_label, unit="run", dynamic_ncols=True)
-    for spec in bar:
-        label = spec.label or LABELS.get(spec.method, spec.method)
-        name = f"{label} on {spec.model}"
-        run_dir = runs / run_name(spec)
-        row = earlier_run(spec, run_dir, fresh)
-        if row is not None:
-            bar.write(f"{name}: reusing the finished run in {run_dir} (--fresh runs it again)")
-        else:
-            resume = (run_dir / "checkpoint" / "state.pt").is_file()
-            bar.set_postfix_str(name + (" (resumed)" if resume else ""))
-            row = run_child(spec, run_dir, resume)
-            if row is None:
-                raise RuntimeError(f"{name} failed; see the error above. Running the same command again resumes it "
-                                   "from its last checkpoint")
-            storage.atomic_write_json(run_dir / "row.json", row)
-        rows.append({**row, "method": label, **spec.shown, "run": str(run_dir)})
-        write_table(rows, out)
+    study = Study(len(specs), progress_label)
+    try:
+        for spec in specs:
+            label = spec.label or LABELS.get(spec.method, spec.method)
+            name = f"{label} on {spec.model}"
+            run_dir = runs / run_name(spec)
+            row = earlier_run(spec, run_dir, fresh)
+            if row is not None:
+                study.reused(f"{name}: reusing the finished run in {run_dir} (--fresh runs it again)")
+            else:
+                resume = (run_dir / "checkpoint" / "state.pt").is_file()
+                phases = study.configuration(name + (" (resumed)" if resume else ""))
+                row = run_child(spec, run_dir, resume, progress=phases)
+                if row is None:
+                    raise RuntimeError(f"{name} failed; see the error above. Running the same command again resumes "
+                                       "it from its last checkpoint")
+                storage.atomic_write_json(run_dir / "row.json", row)
+                study.finished(outcome(row))
+            rows.append({**row, "method": label, **spec.shown, "run": str(run_dir)})
+            write_table(rows, out)
+    finally:
+        study.close()
     return rows
+
+
+def outcome(row: dict) -> str:
+    """A finished configuration's scores in a few words: `accuracy 0.795, OOD 0.735`."""
+    if "skipped" in row:
+        return f"skipped: {row['skipped']}"
+    metric = row.get("metric", "score")
+    return f"{metric} {row['in_distribution']:.3f}" + (
+        f", OOD {row['out_of_distribution']:.3f}" if "out_of_distribution" in row else "")
 
 
 def earlier_run(spec: Spec, run_dir: Path, fresh: bool = False) -> dict | None:
