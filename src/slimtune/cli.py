@@ -15,10 +15,11 @@ from . import storage
 from .bank import Bank, TunedModel
 from .data import DataError, Task, load_task
 from .errors import TuningError
-from .formats import Format, label_translation, metrics, predict, write_predictions
+from .formats import Format, label_translation, metrics, write_predictions
+from .progress import Display
 from .report import parameter_report
 from .store import Store
-from .train import DEFAULT_LR, TrainConfig, Trainer
+from .train import DEFAULT_LR, TrainConfig, Trainer, predict_with_progress
 
 METHOD_NAMES = {"prompt": "PromptTuning", "prefix": "PrefixTuning", "adapter": "Adapter", "lora": "LoRA",
                 "bitfit": "BitFit", "full": "FullFineTuning"}
@@ -44,13 +45,41 @@ def method_from_args(args: argparse.Namespace, task: Task | None) -> method_conf
     return method_configs.FullFineTuning()
 
 
-def open_model(name: str, task: Task):
-    """The model and tokenizer for a task: encoders classify with a new head, decoders by label words."""
+def open_model(name: str, task: Task, quiet: bool = True):
+    """The model and tokenizer for a task: encoders classify with a new head, decoders by label words.
+    `quiet`: without transformers' loading output (see `load_model`)."""
     from .models import load_model, model_family
 
     if task.kind == "classification" and model_family(name) == "encoder":
-        return load_model(name, "classification", num_labels=len(task.labels))
-    return load_model(name, task.kind)
+        return load_model(name, "classification", num_labels=len(task.labels), quiet=quiet)
+    return load_model(name, task.kind, quiet=quiet)
+
+
+def say(line: str) -> None:
+    """slimtune's own words about a run, on stderr: stdout holds the run's result alone (JSON)."""
+    print(f"slimtune: {line}", file=sys.stderr, flush=True)
+
+
+def head_note(model, task: Task, trained: bool) -> str | None:
+    """What a newcomer should know about the model's classification head, when it is not the checkpoint's
+    own: it starts random and is trained with the tuning (`trained`), or comes from a run's tuning."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return None
+    if any(a.endswith("ForSequenceClassification") for a in (model.config.architectures or [])):
+        return None  # the checkpoint brought its own head
+    labels = f"{len(task.labels)} labels ({', '.join(task.labels)})"
+    return f"new classification head: {labels}, " + ("trained with the tuning" if trained else "read from the run's tuning")
+
+
+def one_class_warning(summary: dict) -> str | None:
+    """A warning when the final validation answered one label for every example: the run has learnt
+    nothing but that label's prior."""
+    answered = (summary.get("final_validation") or {}).get("predicted_labels") or {}
+    if len(answered) != 1:
+        return None
+    (label,) = answered
+    return (f"every validation example got label {label!r}: train longer or raise --lr (this run: "
+            f"{summary['steps']} steps at lr {summary['lr']:g})")
 
 
 def task_with_users(args: argparse.Namespace) -> Task:
@@ -60,7 +89,7 @@ def task_with_users(args: argparse.Namespace) -> Task:
 
 def cmd_train(args: argparse.Namespace) -> int:
     task = task_with_users(args)
-    model, tokenizer = open_model(args.model, task)
+    model, tokenizer = open_model(args.model, task, quiet=not args.verbose)
     distributed = _init_distributed()
     if distributed:
         model.to(_local_device())
@@ -91,15 +120,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if not distributed or torch.distributed.get_rank() == 0:
         storage.atomic_write_json(out / "run.json", record)
+    first = not distributed or torch.distributed.get_rank() == 0
+    note = head_note(model, task, trained=True)
+    if note and first:
+        say(note)
     trainer = Trainer(bank, fmt, config, out, task.train, users_of, task.validation, validation_users)
     summary = trainer.run(resume=args.resume)
-    if not distributed or torch.distributed.get_rank() == 0:
+    if first:
         if not args.user_column:
             report = parameter_report(TunedModel(bank, "default"))
             summary["parameters"] = {"trainable": report.trainable, "total": report.total, "share": report.share,
                                      "bytes_stored": report.bytes_stored}
             storage.atomic_write_json(out / "summary.json", summary)
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2), flush=True)
+        warning = one_class_warning(summary)
+        if warning:
+            say(f"warning: {warning}")
     return 0
 
 
@@ -145,7 +181,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = load_task(args.task or record["task"], seed=record["seed"],
                      **({"group_column": record["user_column"]} if record.get("user_column") else {}))
     trained_on = load_task(record["task"], seed=record["seed"]) if (args.task and args.task != record["task"]) else task
-    model, tokenizer = open_model(record["model"], trained_on)
+    model, tokenizer = open_model(record["model"], trained_on, quiet=not args.verbose)
+    note = head_note(model, trained_on, trained=False)
+    if note:
+        say(note)
     if torch.cuda.is_available():
         model.cuda()
     bank = Bank(model, tokenizer)
@@ -160,16 +199,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         users = ["default"] * len(examples)
     # The run's own template on its own task; another task is read through that task's template.
     same_task = task.name == trained_on.name
-    fmt = Format.for_model(task, tokenizer, model, max_length=record["max_length"],
+    max_length = args.max_length or record["max_length"]
+    fmt = Format.for_model(task, tokenizer, model, max_length=max_length,
                            **({"template": record["template"]} if same_task and "template" in record else {}))
     if fmt.style == "head" and not same_task:  # the head answers in the labels it was trained on
         translation = label_translation(trained_on, task)
-        fmt = Format(trained_on, tokenizer, "head", max_length=record["max_length"])
-    predictions = predict(bank, fmt, examples, users)
+        fmt = Format(trained_on, tokenizer, "head", max_length=max_length)
+    progress = Display()
+    progress.start(f"evaluating {task.name} {args.split}", len(examples), "example")
+    predictions = predict_with_progress(bank, fmt, examples, users, progress)
     if fmt.style == "head" and not same_task:
         predictions = [translation[p] for p in predictions]
+    scores = metrics(task, examples, predictions)
+    progress.end(**{k: v for k, v in scores.items() if not k.endswith("_se")})
     result = {"run": str(run), "task": task.name, "split": args.split, "examples": len(examples),
-              **metrics(task, examples, predictions)}
+              "max_length": max_length, **scores}
     answers = run / "eval" / f"{task.name}-{args.split}.predictions.jsonl"
     write_predictions(answers, examples, predictions)
     result["predictions"] = str(answers)
@@ -223,10 +267,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--eval-every", type=int, default=50)
     train.add_argument("--eval-examples", type=int, default=200)
-    train.add_argument("--max-length", type=int, default=128)
+    train.add_argument("--max-length", type=int, default=128,
+                       help="tokens per input; a longer text keeps its start (and the prompt its cue)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.add_argument("--user-column", help="train one tuning per value of this column of a data file")
+    train.add_argument("--verbose", action="store_true", help="also show transformers' own loading output")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a trained run on a task")
@@ -234,6 +280,9 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", help="default: the task it was trained on")
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--examples", type=int, help="evaluate only the first N examples")
+    ev.add_argument("--max-length", type=int, help="tokens per input (default: the run's); a longer text keeps its "
+                    "start (and the prompt its cue)")
+    ev.add_argument("--verbose", action="store_true", help="also show transformers' own loading output")
     ev.set_defaults(func=cmd_eval)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the store's tunings, with per-user keys")

@@ -30,7 +30,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from importlib import import_module
 from pathlib import Path
 from typing import Literal
@@ -135,11 +136,14 @@ MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_folder, "gemma3
 
 
 def load_model(name_or_path: str | os.PathLike, task_kind: TaskKind = "generation",
-               num_labels: int | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               num_labels: int | None = None, quiet: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model (in eval mode) and its tokenizer, by name (``MODELS``), local folder or hub id.
 
     ``num_labels`` asks for a new sequence-classification head of that many outputs (``task_kind`` must then
     be ``"classification"``); without it a classification task scores label words with the model's LM head.
+    ``quiet`` keeps transformers' loading output (its LOAD REPORT tables, its "Loading weights" bars) off
+    the screen; weights of the body that the checkpoint lacks are still said, in one line on stderr (a new
+    head's weights are expected to be missing).
     """
     if num_labels is not None and task_kind != "classification":
         raise TuningError(f"num_labels={num_labels} asks for a classification head, but task_kind is "
@@ -148,8 +152,19 @@ def load_model(name_or_path: str | os.PathLike, task_kind: TaskKind = "generatio
     folder, config = _locate(name)
     family = _family(config)
     model_class = _model_class(name, config, family, task_kind, num_labels)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = model_class.from_pretrained(folder, **({"num_labels": num_labels} if num_labels else {}))
+    with quiet_transformers() if quiet else nullcontext():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model, info = model_class.from_pretrained(folder, output_loading_info=True,
+                                                  **({"num_labels": num_labels} if num_labels else {}))
+    if quiet:
+        from .modules import head_names, in_head
+
+        heads = head_names(model) if num_labels else []
+        missing = sorted(key for key in info.get("missing_keys", ()) if not in_head(key, heads))
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            print(f"slimtune: warning: {len(missing)} weights of {name} are not in its checkpoint and start random: "
+                  f"{shown}", file=sys.stderr)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if family == "decoder":
@@ -158,6 +173,22 @@ def load_model(name_or_path: str | os.PathLike, task_kind: TaskKind = "generatio
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings (its LOAD REPORT tables among them) and progress bars held back for a while."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _family(config: PretrainedConfig) -> Family:
