@@ -1,5 +1,5 @@
 """Fair shares between tenants: one tenant's costly or numerous requests take its share of the engine, not
-everyone's (virtual token counters, see slimtune.fairness)."""
+everyone's (virtual token counters, see slimtune.serving.fairness)."""
 
 import threading
 
@@ -7,7 +7,7 @@ import pytest
 from test_isolation import held, lora_engine
 
 from slimtune.engine import GenerationRequest, RequestError
-from slimtune.fairness import OUTPUT_WEIGHT, FairShare
+from slimtune.serving.fairness import OUTPUT_WEIGHT, FairShare
 
 
 def test_the_least_served_tenant_goes_first_and_idle_time_is_not_saved_up():

@@ -44,8 +44,9 @@ from .bank import Bank, read_tuning
 from .data import Example, Task
 from .data.errors import DataError
 from .errors import TuningError, UnknownUserError
-from .fairness import OUTPUT_WEIGHT, FairShare
 from .formats import Format
+from .serving.fairness import OUTPUT_WEIGHT, FairShare
+from .serving.text import RowText
 from .store import Store
 
 # The limits of a request, here only: the server maps the errors to HTTP and checks nothing of its own.
@@ -221,14 +222,17 @@ class _Row:
     handle: Generation
     prompt_ids: list[int]
     generator: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
+    text: RowText
     sent: int = 0  # characters of text already streamed
     logits: list[torch.Tensor] = field(default_factory=list)
-    final_text: str | None = None  # set when a stop string cut the text
 
     @property
     def request(self) -> GenerationRequest:
         return self.handle.request
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.text.tokens
 
 
 @dataclass
@@ -791,7 +795,7 @@ class Engine:
             handle, ids = self._waiting.first(tenant)
             if handle.cancelled:
                 self._waiting.pop(tenant)
-                self._finish(_Row(handle, ids, None), "cancelled")
+                self._finish(_Row(handle, ids, None, RowText(self.tokenizer)), "cancelled")
                 continue
             try:
                 resident = self._make_resident(handle.request.user, keep)
@@ -810,7 +814,7 @@ class Engine:
             if handle.request.temperature > 0:
                 generator = torch.Generator()  # on the host: a row's samples depend on its seed alone
                 generator.manual_seed(seed if seed is not None else int(time.time_ns() % (2**63)))
-            new.append(_Row(handle, ids, generator))
+            new.append(_Row(handle, ids, generator, RowText(self.tokenizer, handle.request.stop)))
         if not new:
             return
         try:
@@ -913,29 +917,18 @@ class Engine:
             return "cancelled"
         if token in self.eos and not row.request.ignore_eos:
             return "stop"
-        row.tokens.append(token)
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        stops = row.request.stop
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
-        if cut >= 0:
-            row.final_text = text[:cut]
+        if row.text.add(token):  # only what is new is decoded and searched for stop strings
             return "stop"
         if len(row.tokens) >= row.request.max_new_tokens:
             return "length"
-        # Hold back what could still turn into a stop string, or half a character.
-        hold = max((len(s) - 1 for s in stops), default=0)
-        ready = len(text) - hold
-        while ready > row.sent and text[ready - 1] == "\ufffd":
-            ready -= 1
+        ready = row.text.ready()  # less what could still turn into a stop string
         if ready > row.sent:
-            row.handle._channel.put(("delta", text[row.sent:ready]))
+            row.handle._channel.put(("delta", row.text.text[row.sent:ready]))
             row.sent = ready
         return None
 
     def _finish(self, row: _Row, reason: str) -> None:
-        text = row.final_text
-        if text is None:
-            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        text = row.text.final()
         if len(text) > row.sent:
             row.handle._channel.put(("delta", text[row.sent:]))
         logits = torch.stack(row.logits) if row.logits else None
