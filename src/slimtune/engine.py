@@ -46,6 +46,7 @@ from .data.errors import DataError
 from .errors import TuningError, UnknownUserError
 from .formats import Format
 from .serving.fairness import OUTPUT_WEIGHT, FairShare
+from .serving.kv import KEEP_IDLE_BYTES, SlotCache
 from .serving.text import RowText
 from .store import Store
 
@@ -307,6 +308,7 @@ class EngineStats:
     batch_rows: deque = field(default_factory=lambda: deque(maxlen=1000))  # rows per decoding step, recent
     loads: int = 0
     evictions: int = 0
+    cache_relayouts: int = 0  # times the batch's KV cache was copied into new buffers (it grows like an array)
 
 
 class Engine:
@@ -347,7 +349,8 @@ class Engine:
         self._scoring: deque[_Scoring] = deque()
         self._fair = FairShare()  # who is owed the next turn: see `fairness`
         self._running: list[_Row] = []
-        self._cache: DynamicCache | None = None
+        self._cache: SlotCache | None = None
+        self._relayouts = 0  # of caches gone before this one
         self._mask: torch.Tensor | None = None
         self._lock = threading.Lock()  # guards the bank against add/remove while the worker runs
         self._starting = threading.Lock()
@@ -851,12 +854,11 @@ class Engine:
     def _step(self) -> None:
         last = torch.tensor([[row.tokens[-1]] for row in self._running], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
-        before = [(layer.keys, layer.values) for layer in self._cache.layers]  # each step appends new tensors
+        mark = self._cache.reserve(1)
         try:
             logits = self.bank.decode(last, mask, [r.request.user for r in self._running], self._cache)
         except Exception as err:
-            for layer, (keys, values) in zip(self._cache.layers, before, strict=True):
-                layer.keys, layer.values = keys, values
+            self._cache.rewind(mark)
             self._drop_failing(err, mask)
             return
         self._mask = mask
@@ -938,34 +940,38 @@ class Engine:
     # the running batch's cache
 
     def _join(self, new: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append freshly prefilled rows to the running batch: both caches left-padded to one length."""
-        if not self._running:
-            self._running, self._cache, self._mask = list(new), cache, mask
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        joined = DynamicCache()
-        for i, (old, fresh) in enumerate(zip(self._cache.layers, cache.layers, strict=True)):
-            keys = torch.cat([_pad_left(old.keys, width), _pad_left(fresh.keys, width)])
-            values = torch.cat([_pad_left(old.values, width), _pad_left(fresh.values, width)])
-            joined.update(keys, values, i)
-        self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)])
-        self._cache = joined
-        self._running = self._running + list(new)
+        """Append freshly prefilled rows to the running batch: their keys and values go into their own slots of
+        the batch's cache (`serving.kv`), right-aligned with the others; the masks are left-padded to its width."""
+        if self._cache is None:
+            self._cache = SlotCache(cache, self.max_batch)
+            self._running, self._mask = list(new), mask
+        elif not self._running:  # the buffers kept from the last batch
+            self._cache.join(cache)
+            self._running, self._mask = list(new), mask
+        else:
+            self._cache.join(cache)
+            width = self._cache.width
+            self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)])
+            self._running = self._running + list(new)
+        self.stats.cache_relayouts = self._relayouts + self._cache.relayouts
 
     def _keep(self, rows: list[int]) -> None:
-        """Keep only these rows of the running batch, and drop cache columns no remaining row sees."""
-        self._running = [self._running[i] for i in rows]
+        """Keep only these rows of the running batch (their slots: the batch's last rows move into the freed
+        ones), and drop from the window the cache columns no remaining row sees."""
+        order = self._cache.keep(rows)
         if not rows:
-            self._cache, self._mask = None, None
+            self._running, self._mask = [], None
+            if self._cache.bytes() > KEEP_IDLE_BYTES:  # too big to hold while idle
+                self._relayouts += self._cache.relayouts
+                self._cache = None
             return
-        index = torch.tensor(rows, device=self._mask.device)
-        mask = self._mask.index_select(0, index)
+        self._running = [self._running[i] for i in order]
+        mask = self._mask.index_select(0, torch.tensor(order, device=self._mask.device))
         seen = mask.any(0).nonzero()
         start = int(seen[0]) if len(seen) else 0
-        kept = DynamicCache()
-        for i, layer in enumerate(self._cache.layers):
-            kept.update(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:], i)
-        self._cache, self._mask = kept, mask[:, start:]
+        if start:
+            self._cache.trim_left(start)
+        self._mask = mask[:, start:]
 
 
 def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
