@@ -300,6 +300,35 @@ def test_an_upload_is_loaded_against_the_model_before_it_is_accepted(tmp_path, l
     engine.close()
 
 
+def test_an_upload_is_checked_while_the_engine_serves_others(tmp_path, monkeypatch):
+    """Building an upload's tensors (a 512 MiB one takes about a second) happens off the worker's lock: the
+    worker goes on serving meanwhile. Before, the check added the tuning to the bank under that lock."""
+    from slimtune.methods.lora import LoRAComponent
+
+    engine = lora_engine("alice", max_batch=4)
+    folder = lora_folder(tmp_path)
+    want = engine.generate("alice", [5, 6, 7], max_new_tokens=5)
+    entered, release = threading.Event(), threading.Event()
+    build = LoRAComponent.from_state
+
+    def slow(self, method, state):
+        entered.set()
+        release.wait(30)
+        return build(self, method, state)
+
+    monkeypatch.setattr(LoRAComponent, "from_state", slow)
+    checked = []
+    thread = threading.Thread(target=lambda: checked.append(engine.check(folder)))
+    thread.start()
+    assert entered.wait(30)
+    served = answered(engine.stream("alice", [5, 6, 7], max_new_tokens=5), timeout=10)
+    release.set()
+    thread.join(30)
+    assert served is not None and served.token_ids == want.token_ids
+    assert checked and engine.bank.users == ["alice"]
+    engine.close()
+
+
 @pytest.mark.parametrize("method", [{"kind": "lora", "alpha": None}, {"kind": {}}, {"kind": "lora", "rank": True},
                                     {"kind": "lora", "targets": ["q_proj", 1]}, {"kind": "lora", "secret": 1},
                                     {"kind": "prefix", "length": "10"}, ["lora"]])

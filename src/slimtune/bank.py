@@ -8,6 +8,7 @@ same code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -69,6 +70,19 @@ class Bank(nn.Module):
         if modules.head_names(self.model) and not isinstance(method, FullFineTuning):
             self._part(HeadComponent).add(user, None, head_state, context)
         self._methods[user] = method
+
+    def check(self, method: Method, state: dict[str, torch.Tensor], guard: Any = None) -> None:
+        """Build a saved tuning as `add` would, every shape checked against this model, and let it go: nothing
+        is added to the bank or put on the model, so it may run while the bank serves others. `guard` (a lock)
+        is held only while the method's component is looked up or made."""
+        method, body, head = self._resolve((method, state))
+        self.check_method(method)
+        with guard if guard is not None else contextlib.nullcontext():
+            part = self._part(method.component)
+            head_part = self._part(HeadComponent) if head is not None else None
+        part.from_state(method, body)
+        if head_part is not None:
+            head_part.from_state(None, head)
 
     def check_method(self, method: Method) -> None:
         """Refuse a tuning that would write the shared model's weights where others share them (or may)."""

@@ -356,7 +356,6 @@ class Engine:
         self._starting = threading.Lock()
         self._closing = False
         self._worker: threading.Thread | None = None
-        self._ids = itertools.count()
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -421,10 +420,7 @@ class Engine:
                 raise TuningError(f"tensor {name!r} holds {tensor.dtype} values; a tuning's tensors are floating point")
             if not torch.isfinite(tensor).all():
                 raise TuningError(f"tensor {name!r} holds values that are not finite numbers (NaN or infinity)")
-        with self._lock:  # between two steps of the worker
-            scratch = f".check-{next(self._ids)}"
-            self.bank.add(scratch, (method, state))
-            self.bank.remove(scratch)
+        self.bank.check(method, state, guard=self._lock)  # built off the worker's lock: it serves on meanwhile
         record = {"method": method.to_dict(), "model": self.bank.fingerprint}
         return (record if task is None else {**record, "task": task}), state
 

@@ -139,7 +139,6 @@ class AdapterComponent(SiteComponent):
             nn.init.zeros_(block.down.bias)
             nn.init.zeros_(block.up.weight)
             nn.init.zeros_(block.up.bias)
-        self.hook_sites(tuning.names)
         return tuning
 
     def from_state(self, method: Adapter, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -156,7 +155,6 @@ class AdapterComponent(SiteComponent):
             {f"{site_key(n)}.{rest}": state[f"{n}.adapter.{rest}"] for n in sites
              for rest in ("down.weight", "down.bias", "up.weight", "up.bias")}
         )
-        self.hook_sites(tuning.names)
         return tuning
 
     def state(self, user: str) -> dict[str, torch.Tensor]:

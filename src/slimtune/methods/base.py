@@ -98,6 +98,7 @@ class Component(nn.Module):
 
     def add(self, user: str, method: Method, state: dict[str, torch.Tensor] | None, context: InitContext) -> None:
         tuning = self.build(method, context) if state is None else self.from_state(method, state)
+        self.install(tuning)
         self.users[slot_key(user)] = tuning.to(device=self.device, dtype=self.dtype)
         self.methods[user] = method
         self._forget(user)
@@ -168,6 +169,10 @@ class Component(nn.Module):
     def from_state(self, method: Method, state: dict[str, torch.Tensor]) -> nn.Module:
         """A tuning holding `state` (as produced by `state()`), shapes checked against this model."""
         raise NotImplementedError
+
+    def install(self, tuning: nn.Module) -> None:
+        """Put on the model what `tuning` needs (hooks on its sites), once it is built: `build` and `from_state`
+        touch nothing shared, so a tuning can be built and checked while the model serves others."""
 
     def prepare(self, routing: Routing) -> None:
         """Called once per batch before the model runs (e.g. compute a reparameterised prefix once)."""
@@ -271,6 +276,9 @@ class SiteComponent(Component):
     def stacked_apply(self, name: str, users: list[str], params: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         """`site_value` for many rows at once: `params` are `stack()`'s tensors gathered by row (row i's own)."""
         raise NotImplementedError
+
+    def install(self, tuning: nn.Module) -> None:
+        self.hook_sites(tuning.names)
 
     def hook_sites(self, names: list[str]) -> None:
         found = dict(self.model.named_modules())

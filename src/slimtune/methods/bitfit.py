@@ -73,7 +73,6 @@ class BitFitComponent(SiteComponent):
 
     def build(self, method: BitFit, context: InitContext) -> nn.Module:
         tuning = BitFitTuning(self.sites(method))
-        self.hook_sites(tuning.names)
         return tuning
 
     def from_state(self, method: BitFit, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -83,7 +82,6 @@ class BitFitComponent(SiteComponent):
         with torch.no_grad():
             for name in sites:
                 tuning.bias(name).copy_(state[f"{name}.bias"])
-        self.hook_sites(tuning.names)
         return tuning
 
     def state(self, user: str) -> dict[str, torch.Tensor]:

@@ -46,7 +46,6 @@ class HeadComponent(SiteComponent):
 
     def build(self, method: Method | None, context) -> nn.Module:
         tuning = HeadTuning(self.linears())
-        self.hook_sites(tuning.names)
         return tuning
 
     def from_state(self, method: Method | None, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -59,7 +58,6 @@ class HeadComponent(SiteComponent):
                 tuning.weight[site_key(name)].copy_(state[f"{name}.weight"])
                 if site_key(name) in tuning.bias:
                     tuning.bias[site_key(name)].copy_(state[f"{name}.bias"])
-        self.hook_sites(tuning.names)
         return tuning
 
     def state(self, user: str) -> dict[str, torch.Tensor]:

@@ -130,7 +130,6 @@ class IA3Component(Component):
 
     def build(self, method: IA3, context: InitContext) -> nn.Module:
         tuning = IA3Tuning(self.sites(method))
-        self._hook(tuning)
         return tuning
 
     def from_state(self, method: IA3, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -140,7 +139,6 @@ class IA3Component(Component):
         with torch.no_grad():
             for name in sites:
                 tuning.vector(name).copy_(state[f"{name}.ia3"])
-        self._hook(tuning)
         return tuning
 
     def state(self, user: str) -> dict[str, torch.Tensor]:
@@ -149,7 +147,7 @@ class IA3Component(Component):
 
     # --- per row -----------------------------------------------------------------------------
 
-    def _hook(self, tuning: IA3Tuning) -> None:
+    def install(self, tuning: IA3Tuning) -> None:
         found = dict(self.model.named_modules())
         for name in tuning.names:
             if name in self.hooked:

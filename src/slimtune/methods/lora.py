@@ -136,7 +136,6 @@ class LoRAComponent(SiteComponent):
         tuning = self.new_tuning(method, lora_sites(self.model, method))
         for a in tuning.A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear; B stays zero
-        self.hook_sites(tuning.names)
         return tuning
 
     def from_state(self, method: LoRA, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -146,7 +145,6 @@ class LoRAComponent(SiteComponent):
         with torch.no_grad():
             for name, parameter in saved.items():
                 parameter.copy_(state[name])
-        self.hook_sites(tuning.names)
         return tuning
 
     def state(self, user: str) -> dict[str, torch.Tensor]:

@@ -71,15 +71,15 @@ class PromptComponent(Component):
     def width(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
 
-    def add(self, user: str, method: Method, state: dict[str, torch.Tensor] | None, context: InitContext) -> None:
+    def _check_length(self, method: PromptTuning) -> None:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and method.length >= limit:
             raise TuningError(f"PromptTuning(length={method.length}) does not fit {type(self.model).__name__}: it has "
                               f"{limit} positions (max_position_embeddings) and the prompt must leave room for the input; "
                               f"use a length below {limit}")
-        super().add(user, method, state, context)
 
     def build(self, method: PromptTuning, context: InitContext) -> nn.Module:
+        self._check_length(method)
         embed = self.model.get_input_embeddings()
         k = method.length
         with torch.no_grad():
@@ -101,6 +101,7 @@ class PromptComponent(Component):
         return PromptTuningParameters(init.detach().cpu())
 
     def from_state(self, method: PromptTuning, state: dict[str, torch.Tensor]) -> nn.Module:
+        self._check_length(method)
         expect_shapes(state, {"prompt": (method.length, self.width)}, "PromptTuning")
         return PromptTuningParameters(state["prompt"].detach().clone())
 
