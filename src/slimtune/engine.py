@@ -29,7 +29,7 @@ import queue
 import string
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +43,12 @@ from . import modules, storage
 from .bank import Bank, read_tuning
 from .data import Example, Task
 from .data.errors import DataError
-from .errors import TuningError, UnknownUserError
+from .errors import RequestError, TuningError, UnknownUserError
 from .formats import Format
 from .serving.fairness import OUTPUT_WEIGHT, FairShare
 from .serving.kv import KEEP_IDLE_BYTES, SlotCache
+from .serving.residency import Residency
+from .serving.sampling import sample
 from .serving.text import RowText
 from .store import Store
 
@@ -58,15 +60,6 @@ MAX_INPUTS = 256  # texts in one classification request
 MAX_LABELS = 100  # labels of a classification task
 MAX_SCORED_ROWS = 2048  # rows one classification request costs: texts (a head) or texts x labels (a verbalizer)
 MAX_TEMPLATE_CHARS = 4000
-
-
-class RequestError(TuningError):
-    """A request the engine cannot serve as asked (bad setting, prompt too long, wrong kind of tuning);
-    `param` names the setting that was wrong, where one was."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 class EngineClosedError(RuntimeError):
@@ -340,10 +333,9 @@ class Engine:
         # A prompt of more characters than this cannot fit the context (no token is longer): refused before tokenising.
         self.max_prompt_chars = self.max_length * _longest_token(tokenizer)
         self.stats = EngineStats()
-        self._resident: OrderedDict[str, None] = OrderedDict()  # loaded from the store, least recent first
-        self._pinned: set[str] = set()  # added directly: cannot be reloaded, never evicted
-        self._stale: set[str] = set()  # deleted or replaced in the store while rows still used them
         self._tasks: dict[str, dict | None] = {}
+        self._residency = Residency(self.bank, store, max_resident, self.stats, self._in_use,
+                                    lambda user: self._tasks.pop(user, None))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting = _Waiting()
         self._scoring: deque[_Scoring] = deque()
@@ -370,7 +362,7 @@ class Engine:
         """Serve `tuning` (a method config, saved folder or TunedModel) as `name`, resident until removed."""
         with self._lock:
             self.bank.add(name, tuning)
-        self._pinned.add(name)
+            self._residency.pin(name)
         self._tasks[name] = task if task is not None else _task_of(tuning)
 
     def remove(self, name: str) -> None:
@@ -378,21 +370,14 @@ class Engine:
         running keep the old one until they end; later ones get what the store holds then."""
         with self._lock:
             self._tasks.pop(name, None)
-            if name in self._pinned:
-                self._pinned.discard(name)
-                self._resident[name] = None  # evicted like a stored one once its rows are done
-            if name in self._resident:
-                if self._in_use(name):
-                    self._stale.add(name)
-                else:
-                    self._evict(name)
+            self._residency.forget(name)
 
     @property
     def resident(self) -> list[str]:
-        return [*self._pinned, *(u for u in self._resident if u not in self._pinned)]
+        return self._residency.names
 
     def knows(self, user: str | None) -> bool:
-        if user is None or user in self._pinned:
+        if user is None or user in self._residency.pinned:
             return True
         return self.store is not None and user in self.store
 
@@ -491,33 +476,7 @@ class Engine:
         return any(row.request.user == name for row in self._running)
 
     def _make_resident(self, user: str | None, keep: set[str]) -> bool:
-        """Load `user` if needed; False when the bank is full of tunings in use (try again later)."""
-        if user is None or user in self._pinned:
-            return True
-        if user in self._stale and not self._in_use(user):
-            self._evict(user)
-        if user in self._resident and user not in self._stale:
-            self._resident.move_to_end(user)
-            return True
-        if user in self._stale:
-            return False  # the old version is still in use: wait for its rows to finish
-        if len(self._resident) >= self.max_resident:
-            victim = next((u for u in self._resident if u not in keep and not self._in_use(u)), None)
-            if victim is None:
-                return False
-            self._evict(victim)
-        with torch.inference_mode(False):  # ordinary tensors: usable outside inference too
-            self.bank.add(user, self.store.path_of(user))
-        self._resident[user] = None
-        self.stats.loads += 1
-        return True
-
-    def _evict(self, user: str) -> None:
-        self.bank.remove(user)
-        self._resident.pop(user, None)
-        self._tasks.pop(user, None)
-        self._stale.discard(user)
-        self.stats.evictions += 1
+        return self._residency.ensure(user, keep)
 
     # --- the public API ------------------------------------------------------------------------
 
@@ -892,7 +851,8 @@ class Engine:
             self._fair.charge(row.request.owner, 1, OUTPUT_WEIGHT)
             try:
                 request = row.request
-                token = greedy[i] if request.temperature <= 0 else _sample(logits[i], request, row.generator)
+                token = (greedy[i] if request.temperature <= 0
+                         else sample(logits[i], request.temperature, request.top_p, row.generator))
                 if request.keep_logits:
                     row.logits.append(logits[i].float().cpu())
                 reason = self._push(row, token)
@@ -977,24 +937,6 @@ def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = extra
     return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator | None) -> int:
-    """One row's next token by temperature and nucleus (top-p) sampling from its own generator, safe for
-    every accepted setting: in float64, shifted so the largest logit is 0 before dividing (no overflow,
-    however small the temperature), and the most likely token always stays in the nucleus (however
-    small top_p)."""
-    logits = logits.double()
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise RequestError("the tuning's scores for the next token are not all numbers (NaN or infinity); it cannot be "
-                           "sampled from")
-    probs = ((logits - logits.max()) / request.temperature).softmax(-1)
-    if request.top_p < 1.0:
-        ordered, order = probs.sort(descending=True)
-        outside = ordered.cumsum(-1) - ordered >= request.top_p  # keep the smallest head reaching top_p
-        outside[0] = False
-        probs = torch.zeros_like(probs).scatter(0, order, ordered.masked_fill(outside, 0.0))
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
 def _longest_token(tokenizer: Any) -> int:

@@ -18,3 +18,12 @@ class UnknownUserError(TuningError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0])
+
+
+class RequestError(TuningError):
+    """A request the engine cannot serve as asked (bad setting, prompt too long, wrong kind of tuning);
+    `param` names the setting that was wrong, where one was."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

@@ -1,2 +1,3 @@
-"""The rooms of serving, each one job: `fairness` (whose turn it is), `text` (a row's text as its tokens
-come). The public `Engine` stays importable as `slimtune.engine.Engine`."""
+"""The rooms of serving, each one job: `residency` (which tunings the bank holds), `kv` (the running batch's
+KV cache), `fairness` (whose turn it is), `sampling` (a row's next token), `text` (a row's text as its tokens
+come). The engine that schedules them is `slimtune.engine.Engine`."""
