@@ -227,7 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(model=args.model, store=args.store, host=args.host, port=args.port, admin_key_file=args.admin_key_file,
           max_resident=args.max_resident, max_batch=args.max_batch, max_tunings_per_key=args.max_tunings_per_key,
-          max_bytes_per_key=args.max_bytes_per_key)
+          max_bytes_per_key=args.max_bytes_per_key, max_requests_per_key=args.max_requests_per_key)
     return 0
 
 
@@ -296,6 +296,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tunings-per-key", type=int, default=100, help="tunings one key may keep in the store")
     serve.add_argument("--max-bytes-per-key", type=int, default=2 * 2**30,
                        help="bytes of tensors one key may keep in the store (default 2 GiB)")
+    serve.add_argument("--max-requests-per-key", type=int, default=64,
+                       help="requests one key may have in flight at once (each prompt counts; 429 beyond)")
     serve.set_defaults(func=cmd_serve)
     return top
 
