@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import modules, peft_format, storage
+from . import hf, modules, peft_format, storage
 from .errors import TuningError, UnknownUserError
 from .methods import METHODS, Method, method_from_dict
 from .methods.base import Component, InitContext
@@ -316,12 +316,19 @@ class Bank(nn.Module):
 
 
 class TunedModel(nn.Module):
-    """A frozen model with one tuning: the bank-of-one case. Every row runs under the tuning."""
+    """A frozen model with one tuning: the bank-of-one case. Every row runs under the tuning.
+
+    It can be the model of transformers' Trainer or TRL's SFTTrainer as it is (see `hf`): its forward
+    shows the wrapped model's signature, and its state dict, which the Trainer saves in checkpoints
+    and loads on resume, is the tuning alone."""
+
+    _keys_to_ignore_on_save = None  # read by transformers' Trainer after loading a checkpoint
 
     def __init__(self, bank: Bank, user: str):
         super().__init__()
         self.bank = bank
         self.user = user
+        self.forward = hf.Forward(self)
 
     @property
     def model(self) -> nn.Module:
@@ -340,7 +347,60 @@ class TunedModel(nn.Module):
         return [self.user] * source.shape[0]
 
     def forward(self, **kwargs):
+        """Run the model under the tuning (the instance's `forward`, `hf.Forward`, shows the model's signature)."""
         return self.bank(users=self._users(kwargs), **kwargs)
+
+    @property
+    def base_model(self) -> hf.Body:
+        """The model's body under the tuning, returning hidden states, as `PreTrainedModel.base_model` does
+        (TRL's fused loss applies the head itself)."""
+        return hf.Body(self)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def generation_config(self) -> Any:
+        return self.model.generation_config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tags for the model card (TRL's trainers add theirs)."""
+        self.model.add_model_tags(tags)
+
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """Recompute each layer's activations in the backward pass (`TrainingArguments(gradient_checkpointing=True)`)."""
+        self.model.activation_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing_disable()
+
+    def state_dict(self, *args, destination: dict | None = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """The tuning alone (trainable tensors and its record), not the frozen model's weights: what a
+        Trainer checkpoint holds. `load_state_dict` takes it back, `slimtune.load` reads the folder."""
+        out = hf.state_dict(self, prefix, keep_vars)
+        if destination is None:
+            return out
+        destination.update(out)
+        return destination
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        return hf.load_state_dict(self, state_dict, strict)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        is_main_process: bool = True, format: str = "slimtune", **kwargs) -> Path | None:
+        """`save()` under transformers' name (the tuning only; `state_dict` and the other options of
+        `PreTrainedModel.save_pretrained` do not apply)."""
+        return self.save(save_directory, format=format) if is_main_process else None
 
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs):
         return self.bank.generate(input_ids=input_ids, users=[self.user] * input_ids.shape[0], **kwargs)
@@ -386,6 +446,8 @@ def read_tuning(path: str | os.PathLike, model: nn.Module, fingerprint: dict | N
     to be made for `model`'s type and shape (`fingerprint`: the model's, if already known)."""
     if peft_format.is_peft_folder(path):
         return peft_format.read(path, model)
+    if hf.is_checkpoint(path):
+        return hf.read_checkpoint(path, model, fingerprint or modules.fingerprint(model))
     record, state = storage.read(path)
     storage.check_model(record.get("model", {}), fingerprint or modules.fingerprint(model), str(path))
     return method_from_dict(record.get("method", {})), state
