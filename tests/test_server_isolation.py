@@ -156,10 +156,13 @@ def test_a_restart_removes_what_killed_writers_left_and_keeps_every_tuning(tmp_p
         (leftover / "tuning.safetensors").write_bytes(b"x" * 1000)
         os.utime(leftover, (old, old))
     os.symlink("../versions/gone.0123456789ab", store.tunings / ".gone.link")
+    for name, age in ((".keys.json.dead.tmp", old), (".keys.json.live.tmp", time.time())):  # killed, or being written
+        (store.path / name).write_bytes(b"{}")
+        os.utime(store.path / name, (age, age))
     reopened = slimtune.Store(tmp_path / "store", model)
-    assert snapshot(reopened) == kept
+    assert snapshot(reopened) == sorted([*kept, (".keys.json.live.tmp", 2)])
     assert not (store.tunings / ".gone.link").is_symlink()
-    assert len(reopened.cleaned) == 5
+    assert len(reopened.cleaned) == 6
     slimtune.load(build("llama"), reopened.path_of("kept"))
 
 

@@ -293,6 +293,13 @@ class Store:
             for item in _folders(self.path, (".trash-",)):
                 shutil.rmtree(item, ignore_errors=True)
                 removed.append(item.name)
+            for item in sorted(self.path.glob(".*.tmp")):  # an atomic write (keys.json, the store's record) killed
+                try:
+                    if item.is_file() and not item.is_symlink() and time.time() - item.stat().st_mtime > STALE:
+                        item.unlink()
+                        removed.append(item.name)
+                except FileNotFoundError:  # its writer was just done
+                    continue
             linked = set()
             if self.tunings.is_dir():
                 for link in sorted(self.tunings.iterdir()):
