@@ -19,30 +19,12 @@ from .formats import Format, label_translation, metrics, write_predictions
 from .progress import Display
 from .report import parameter_report
 from .store import Store
-from .train import DEFAULT_LR, TrainConfig, Trainer, predict_with_progress
-
-METHOD_NAMES = {"prompt": "PromptTuning", "prefix": "PrefixTuning", "adapter": "Adapter", "lora": "LoRA",
-                "bitfit": "BitFit", "full": "FullFineTuning"}
+from .train import TrainConfig, Trainer, predict_with_progress
 
 
 def method_from_args(args: argparse.Namespace, task: Task | None) -> method_configs.Method:
-    kind = args.method
-    if kind == "prompt":
-        init = args.init or ("labels" if task is not None and task.kind == "classification" else "vocab")
-        words = tuple(task.label_words[label] for label in task.labels) if init == "labels" else None
-        return method_configs.PromptTuning(length=args.length or 20, init=init, text=args.init_text, label_words=words)
-    if kind == "prefix":
-        reparam = None if args.reparam in ("none", "None") else args.reparam
-        return method_configs.PrefixTuning(length=args.length or 10, reparam=reparam, init=args.init or "vocab",
-                                           text=args.init_text)
-    if kind == "adapter":
-        return method_configs.Adapter(size=args.size, placement=args.placement, activation=args.activation)
-    if kind == "lora":
-        targets = tuple(args.targets.split(",")) if args.targets else None
-        return method_configs.LoRA(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
-    if kind == "bitfit":
-        return method_configs.BitFit(add_missing=args.add_missing)
-    return method_configs.FullFineTuning()
+    """The config of `--method` built from the parsed options, by the method itself (`Method.from_cli`)."""
+    return method_configs.METHODS[args.method].from_cli(args, task)
 
 
 def open_model(name: str, task: Task, quiet: bool = True):
@@ -231,21 +213,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class MethodOptions:
+    """The "method options" group of a command, into which each method adds its own (`Method.cli_options`).
+    An option several methods take (`--length` of prompt and prefix tuning, LoRA's options that DoRA inherits)
+    is added once, its help saying what it is to each (`prompt: soft prompt tokens ...; prefix: ...`)."""
+
+    def __init__(self, group: argparse._ArgumentGroup):
+        self.group = group
+        self.kind = ""  # the method adding options now
+        self._added: dict[str, tuple[argparse.Action, dict, list[tuple[list[str], str]]]] = {}
+
+    def add_argument(self, flag: str, **settings) -> None:
+        text = settings.pop("help", "")
+        if flag not in self._added:
+            self._added[flag] = (self.group.add_argument(flag, **settings), settings, [])
+        action, first, helps = self._added[flag]
+        if settings != first:
+            raise ValueError(f"{flag} of method {self.kind!r} is declared as {settings}, another method's as {first}: "
+                             "methods that share an option must agree on everything but its help")
+        same = next((kinds for kinds, t in helps if t == text), None)
+        if same is not None:
+            same.append(self.kind)
+        else:
+            helps.append(([self.kind], text))
+        action.help = "; ".join(f"{', '.join(kinds)}: {t}" if t else ", ".join(kinds) for kinds, t in helps)
+
+
 def add_method_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, choices=list(METHOD_NAMES), help="which tuning method")
-    g = p.add_argument_group("method options")
-    g.add_argument("--length", type=int, help="prompt or prefix length (default 20 / 10)")
-    g.add_argument("--init", help="prompt: vocab|labels|uniform|text; prefix: vocab|text|random")
-    g.add_argument("--init-text", help="the text for --init text")
-    g.add_argument("--reparam", default="mlp", help="prefix: mlp (Li & Liang) or none (P-tuning v2)")
-    g.add_argument("--size", type=int, default=64, help="adapter bottleneck width")
-    g.add_argument("--placement", default="houlsby", choices=["houlsby", "pfeiffer"])
-    g.add_argument("--activation", default="relu")
-    g.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
-    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    g.add_argument("--targets", help="LoRA targets, comma-separated module names or suffixes")
-    g.add_argument("--add-missing", action="store_true", help="BitFit: add zero biases where a model has none")
+    p.add_argument("--method", required=True, choices=list(method_configs.METHODS), help="which tuning method")
+    options = MethodOptions(p.add_argument_group("method options"))
+    for kind, method in method_configs.METHODS.items():
+        options.kind = kind
+        method.cli_options(options)
+
+
+def default_lrs() -> str:
+    """Each method's default learning rate, for the help of --lr."""
+    shown = []
+    for kind, method in method_configs.METHODS.items():
+        rate = method().learning_rate()  # its default config's; a rate may depend on the settings (prefix's MLP)
+        shown.append(f"{kind} {rate:g}" + (f" ({method.default_lr:g} with other settings)" if rate != method.default_lr else ""))
+    return ", ".join(shown)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -263,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=float)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--lr", type=float, help=f"learning rate (default per method: {DEFAULT_LR})")
+    train.add_argument("--lr", type=float, help=f"learning rate (default per method: {default_lrs()})")
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--eval-every", type=int, default=50)
     train.add_argument("--eval-examples", type=int, default=200)

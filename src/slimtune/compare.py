@@ -1,8 +1,9 @@
 """`slimtune compare`: every method on the same frozen model, the same data, the same evaluation.
 
 Model tuning (full fine-tuning), prompt design (no training), prompt tuning, prefix tuning,
-adapters, LoRA and BitFit are trained and evaluated on one task, scored in distribution and on
-an out-of-distribution task, and written to a folder as a table (Markdown, CSV, JSON) and plots.
+adapters, LoRA and BitFit (and, given in `--methods`, any other method: DoRA, IA3) are trained and
+evaluated on one task, scored in distribution and on an out-of-distribution task, and written to a
+folder as a table (Markdown, CSV, JSON) and plots.
 Each trained method runs in its own process, so its peak memory is its own. `--ablation init`
 and `--ablation length` compare prompt-tuning initialisations and prompt lengths instead.
 
@@ -25,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import TuningError
+from .methods import METHODS as TUNING_METHODS
+from .methods import PromptTuning
 from .progress import Display, Progress, Relay, Study
 
 # Budgets: `quick` finishes in minutes on 2 CPU cores, `full` is for published figures, `smoke`
@@ -34,14 +37,15 @@ BUDGETS = {
     "quick": {"steps": 40, "batch_size": 8, "max_length": 48, "test_examples": 200, "checkpoint_every": None},
     "full": {"steps": 400, "batch_size": 16, "max_length": 128, "test_examples": None, "checkpoint_every": 50},
 }
+# Prompt design trains nothing: the study's own configurations beside the tuning methods.
+DESIGNS = {"design": "prompt design (0-shot)", "design-4shot": "prompt design (4-shot)"}
+# The default study; any registered method can be added with --methods (DoRA and IA3 are left out of the
+# default so that `make demo` stays under 15 minutes on 2 cores). A method's learning rate for these short
+# budgets, its settings and its row label are its own (`Method.compare_lr`, `for_study`, `label`).
 METHODS = ["full", "design", "design-4shot", "prompt", "prefix", "adapter", "lora", "bitfit"]
-LABELS = {"full": "model tuning", "design": "prompt design (0-shot)", "design-4shot": "prompt design (4-shot)",
-          "prompt": "prompt tuning", "prefix": "prefix tuning", "adapter": "adapters (Houlsby)", "lora": "LoRA",
-          "bitfit": "BitFit"}
+CHOICES = [*DESIGNS, *TUNING_METHODS]
+LABELS = {**DESIGNS, **{kind: method.label for kind, method in TUNING_METHODS.items()}}
 ABLATIONS = {"init": ["uniform", "vocab", "labels"], "length": [1, 5, 20, 100]}  # prompt-tuning settings compared
-# Learning rates for these short budgets (the method defaults are for longer runs).
-COMPARE_LR = {"prompt": 0.3, "prefix": 1e-2, "prefix-mlp": 3e-4, "adapter": 2e-3, "lora": 2e-3, "bitfit": 1e-2,
-              "full": 5e-5}
 
 
 @dataclass
@@ -66,32 +70,11 @@ def identity(spec: dict) -> dict:
     return {k: v for k, v in spec.items() if k not in ("label", "shown")}
 
 
-def prompt_defaults(task_kind: str, family: str) -> dict:
-    """The settings of a plain `prompt` configuration: 20 tokens, initialised from the label words where the
-    model answers through them (a decoder on a classification task), else from sampled vocabulary."""
-    return {"init": "labels" if task_kind == "classification" and family != "encoder" else "vocab", "length": 20}
-
-
 def method_config(spec: Spec, task, model):
-    import slimtune
+    """The config of a trained configuration, as its method builds it for the study (`Method.for_study`)."""
     from slimtune.models import model_family
 
-    kind, o = spec.method, spec.options
-    if kind == "prompt":
-        settings = {**prompt_defaults(task.kind, model_family(spec.model)), **o}
-        init = settings["init"]
-        words = tuple(task.label_words[label] for label in task.labels) if init == "labels" else None
-        return slimtune.PromptTuning(length=settings["length"], init=init, label_words=words)
-    if kind == "prefix":
-        return slimtune.PrefixTuning(length=o.get("length", 10))
-    if kind == "adapter":
-        return slimtune.Adapter(size=o.get("size", 64))
-    if kind == "lora":
-        return slimtune.LoRA(rank=o.get("rank", 8), alpha=16)
-    if kind == "bitfit":
-        has_bias = any(getattr(m, "bias", None) is not None for m in model.modules() if hasattr(m, "weight"))
-        return slimtune.BitFit(add_missing=not has_bias)
-    return slimtune.FullFineTuning()
+    return TUNING_METHODS[spec.method].for_study(task, model, model_family(spec.model), spec.options)
 
 
 def run_spec(spec: Spec, out: Path, resume: bool = False, progress: Progress | None = None) -> dict:
@@ -105,7 +88,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False, progress: Progress | N
     from slimtune.data import load_task
     from slimtune.design import PromptDesign
     from slimtune.formats import Format, label_translation, metrics, write_predictions
-    from slimtune.train import TrainConfig, Trainer, lr_key, peak_memory, predict_with_progress
+    from slimtune.train import TrainConfig, Trainer, peak_memory, predict_with_progress
 
     budget = BUDGETS[spec.budget]
     progress = progress or Display()
@@ -154,7 +137,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False, progress: Progress | N
         method = method_config(spec, task, model)
         tuned = slimtune.attach(model, method, tokenizer=tokenizer)
         fmt = Format.for_model(task, tokenizer, model, max_length=budget["max_length"])
-        config = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=COMPARE_LR[lr_key(method)],
+        config = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=method.learning_rate(study=True),
                              eval_every=budget["steps"], seed=spec.seed, warmup=0.1,
                              checkpoint_every=budget["checkpoint_every"])
         users = ["default"] * len(task.train)
@@ -588,7 +571,7 @@ def specs_for(models: list[str], task: str, ood: str | None, methods: list[str],
         kind = load_task(task, seed=seeds[0]).kind
         specs = []
         for m in models:
-            defaults = prompt_defaults(kind, model_family(m))
+            defaults = PromptTuning.study_defaults(kind, model_family(m))
             for value in ABLATIONS[ablation]:  # its keys are the prompt settings they vary
                 shown = {**defaults, ablation: value}
                 label = (f"prompt tuning, {shown['init']} init" if ablation == "init"
@@ -608,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", nargs="+", default=["smollm2-135m"], help="one or more models (several: a scaling plot)")
     p.add_argument("--task", default="rotten-tomatoes")
     p.add_argument("--ood-task", default=None, help="default: amazon-food for rotten-tomatoes, none otherwise")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    p.add_argument("--methods", nargs="+", choices=CHOICES, default=METHODS,
+                   help=f"the configurations to compare (default: {' '.join(METHODS)})")
     p.add_argument("--budget", choices=list(BUDGETS), default="quick")
     p.add_argument("--ablation", choices=list(ABLATIONS))
     p.add_argument("--seed", type=int, nargs="+", default=[0],

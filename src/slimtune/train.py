@@ -1,4 +1,4 @@
-"""The trainer: one loop for all six methods, for one tuning or for many users' tunings at once.
+"""The trainer: one loop for every method, for one tuning or for many users' tunings at once.
 
 It trains the tunings of a `Bank` (a `TunedModel` is a bank of one user): each batch may mix the
 rows of many users, and each user's parameters learn from their own rows only. AdamW with linear
@@ -38,16 +38,6 @@ from .modules import accepts
 from .progress import Display, Progress
 from .store import Store
 
-# Prompt and prefix tuning need far larger rates than weights that are already well placed. Li & Liang's
-# MLP is the exception: each prefix value sums hundreds of hidden units, each moved ~lr by Adam per step.
-DEFAULT_LR = {"prompt": 3e-2, "prefix": 5e-3, "prefix-mlp": 1e-4, "adapter": 1e-3, "lora": 1e-3, "bitfit": 2e-3,
-              "full": 3e-5}
-
-
-def lr_key(method) -> str:
-    """The method's key in a learning-rate table: its kind, `prefix-mlp` for reparameterised prefixes."""
-    return "prefix-mlp" if method.kind == "prefix" and method.reparam == "mlp" else method.kind
-
 
 @dataclass
 class TrainConfig:
@@ -55,7 +45,7 @@ class TrainConfig:
     epochs: float | None = None
     batch_size: int = 8  # rows per optimizer step, over all processes and accumulation
     grad_accum: int = 1
-    lr: float | None = None  # None: the method's default (DEFAULT_LR)
+    lr: float | None = None  # None: the method's default (`Method.learning_rate()`)
     warmup: float = 0.06  # fraction of the steps
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -99,7 +89,7 @@ class Trainer:
         self.params = self._trainable()
         self._keeps_logits = fmt.style != "head" and accepts(bank.model, "logits_to_keep")
         self._head = fusable_head(bank.model) if fmt.style != "head" else None
-        self.lr = config.lr if config.lr is not None else DEFAULT_LR[lr_key(bank.method(self.users[0]))]
+        self.lr = config.lr if config.lr is not None else bank.method(self.users[0]).learning_rate()
         self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=self.lr, weight_decay=config.weight_decay)
         self.steps = config.total_steps(len(train))
         warm = max(1, int(config.warmup * self.steps))

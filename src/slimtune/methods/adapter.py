@@ -11,9 +11,11 @@ names (see `modules.matcher`).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +23,9 @@ from torch import nn
 from .. import modules
 from ..errors import TuningError
 from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
+
+if TYPE_CHECKING:
+    from ..data import Task
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
 
@@ -30,6 +35,9 @@ class Adapter(Method):
     """Bottleneck adapters of width `size` after attention and feed-forward (houlsby) or feed-forward only (pfeiffer)."""
 
     kind = "adapter"
+    default_lr = 1e-3
+    compare_lr = 2e-3
+    label = "adapters (Houlsby)"
     size: int = 64
     placement: str = "houlsby"
     activation: str = "relu"
@@ -45,6 +53,16 @@ class Adapter(Method):
             raise TuningError(f"Adapter activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         for field in ("attention_output", "ffn_output"):
             object.__setattr__(self, field, modules.check_patterns(getattr(self, field), f"Adapter {field}"))
+
+    @classmethod
+    def cli_options(cls, options: Any) -> None:
+        options.add_argument("--size", type=int, default=64, help="bottleneck width")
+        options.add_argument("--placement", default="houlsby", choices=["houlsby", "pfeiffer"])
+        options.add_argument("--activation", default="relu", help="|".join(ACTIVATIONS))
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, task: Task | None) -> Adapter:
+        return cls(size=args.size, placement=args.placement, activation=args.activation)
 
     def resolve(self, model: nn.Module) -> Adapter:
         """This Adapter with its sites as the full names of the layers they select (the default sites if

@@ -8,10 +8,11 @@ tuning is the bank-of-one case of the same code.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,18 +20,52 @@ from torch import nn
 from ..errors import ModelMismatchError, TuningError
 from ..routing import Routing, active, route
 
+if TYPE_CHECKING:
+    from ..data import Task
+
 
 @dataclass(frozen=True)
 class Method:
-    """Base of the method configs. `kind` names the method in saved tunings."""
+    """Base of the method configs. `kind` names the method in saved tunings and on the command line
+    (`slimtune train --method <kind>`, `slimtune compare --methods <kind>`).
+
+    What the trainer, the comparison study and the CLI need of a method is declared here, by each
+    method, so that adding one touches its own file and the registry only: its learning rates, its
+    row label in the study, its command-line options and how its config is built from them."""
 
     kind: ClassVar[str] = ""
     component: ClassVar[type[Component]]
     # True for a method whose tuning is the model's own weights (full fine-tuning): it cannot share a model.
     writes_base: ClassVar[bool] = False
+    # AdamW's learning rate when a run gives none: `default_lr` for `slimtune train` and `Trainer` (hundreds of
+    # steps), `compare_lr` for the 40-step budgets of `slimtune compare`. Read through `learning_rate()`.
+    default_lr: ClassVar[float]
+    compare_lr: ClassVar[float]
+    label: ClassVar[str] = ""  # the method's row in the comparison study's table
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
+
+    def learning_rate(self, study: bool = False) -> float:
+        """The learning rate of a run that gives none: `default_lr`, or `compare_lr` in the comparison
+        `study`. A method whose rate depends on its settings overrides this."""
+        return self.compare_lr if study else self.default_lr
+
+    @classmethod
+    def cli_options(cls, options: Any) -> None:
+        """Add this method's options to the command line: `options` has argparse's `add_argument`. An option
+        two methods share (prompt and prefix tuning's `--length`) must have the same default in both."""
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, task: Task | None) -> Method:
+        """The config that `slimtune train --method <kind>` with these parsed `args` trains on `task`."""
+        return cls()
+
+    @classmethod
+    def for_study(cls, task: Task, model: nn.Module, family: str, options: dict[str, Any]) -> Method:
+        """The config that `slimtune compare` trains on `task` with `model` (a `family` of `models.model_family`):
+        its defaults, with the `options` an ablation varies."""
+        return cls(**options)
 
     def resolve(self, model: nn.Module) -> Method:
         """This method with its module patterns (regular expressions, suffixes, defaults) replaced by the

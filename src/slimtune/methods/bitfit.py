@@ -11,7 +11,9 @@ no longer pure BitFit.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,13 +22,33 @@ from .. import modules
 from ..errors import TuningError
 from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
 
+if TYPE_CHECKING:
+    from ..data import Task
+
 
 @dataclass(frozen=True)
 class BitFit(Method):
     """Train the bias terms only (`add_missing=True`: also add zero biases to bias-free linears)."""
 
     kind = "bitfit"
+    default_lr = 2e-3
+    compare_lr = 1e-2
+    label = "BitFit"
     add_missing: bool = False
+
+    @classmethod
+    def cli_options(cls, options: Any) -> None:
+        options.add_argument("--add-missing", action="store_true", help="add zero biases where a model has none")
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, task: Task | None) -> BitFit:
+        return cls(add_missing=args.add_missing)
+
+    @classmethod
+    def for_study(cls, task: Task, model: nn.Module, family: str, options: dict[str, Any]) -> BitFit:
+        """With zero biases added on a model that has none (SmolLM2), as the study could not run it otherwise."""
+        has_bias = any(getattr(m, "bias", None) is not None for m in model.modules() if hasattr(m, "weight"))
+        return cls(**{"add_missing": not has_bias, **options})
 
 
 class BitFitTuning(nn.Module):

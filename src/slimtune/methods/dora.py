@@ -37,6 +37,9 @@ class DoRA(LoRA):
     LoRA's A and B, computes each row from the layer's output as well as its input, and merges differently."""
 
     kind = "dora"
+    # LoRA's rates (inherited, as are its options): DoRA trains LoRA's A and B, and a magnitude that starts at
+    # ‖W‖, as PEFT's `use_dora` does on a LoRA config of the same learning rate.
+    label = "DoRA"
 
 
 class DoRATuning(LoRATuning):

@@ -23,6 +23,10 @@ class FullFineTuning(Method):
 
     kind = "full"
     writes_base = True
+    # Every weight is already well placed: small rates.
+    default_lr = 3e-5
+    compare_lr = 5e-5
+    label = "model tuning"
 
 
 class FullComponent(Component):

@@ -12,9 +12,11 @@ size does not shrink as the rank grows. DoRA (dora.py) builds on this file's LoR
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +24,9 @@ from torch import nn
 from .. import modules
 from ..errors import TuningError
 from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
+
+if TYPE_CHECKING:
+    from ..data import Task
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,9 @@ class LoRA(Method):
     `rslora=True`: scaled by alpha / sqrt(rank) (rank-stabilised LoRA) instead of alpha / rank."""
 
     kind = "lora"
+    default_lr = 1e-3
+    compare_lr = 2e-3
+    label = "LoRA"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -44,6 +52,19 @@ class LoRA(Method):
         if not 0.0 <= self.dropout < 1.0:
             raise TuningError(f"{name} dropout must be in [0, 1), got {self.dropout}")
         object.__setattr__(self, "targets", modules.check_patterns(self.targets, f"{name} targets"))
+
+    @classmethod
+    def cli_options(cls, options: Any) -> None:
+        options.add_argument("--rank", type=int, default=8, help="rank of the update (default 8)")
+        options.add_argument("--alpha", type=float, default=16.0, help="the update is scaled by alpha / rank (default 16)")
+        options.add_argument("--dropout", type=float, default=0.0, help="dropout on the update's input")
+        options.add_argument("--targets", help="comma-separated module names or suffixes (default: query and value)")
+        options.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rank-stabilised)")
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, task: Task | None) -> LoRA:
+        targets = tuple(args.targets.split(",")) if args.targets else None
+        return cls(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets, rslora=args.rslora)
 
     def resolve(self, model: nn.Module) -> LoRA:
         """This LoRA with `targets` (the default ones if None) as the full names of the layers they select."""

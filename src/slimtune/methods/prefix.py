@@ -26,8 +26,10 @@ that text in the sequence.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,6 +43,9 @@ from ..routing import Routing, active, routed
 from . import vocab
 from .base import Component, InitContext, Method, expect_shapes, site_key
 
+if TYPE_CHECKING:
+    from ..data import Task
+
 INITS = ("vocab", "text", "random")
 
 
@@ -49,6 +54,13 @@ class PrefixTuning(Method):
     """`length` learnable key/value positions in every self-attention layer."""
 
     kind = "prefix"
+    # A prefix trained directly (reparam=None) takes a large rate, as soft prompts do. Li & Liang's MLP is the
+    # exception: each prefix value sums hundreds of hidden units, each moved ~lr by Adam per step.
+    default_lr = 5e-3
+    compare_lr = 1e-2
+    mlp_default_lr = 1e-4
+    mlp_compare_lr = 3e-4
+    label = "prefix tuning"
     length: int = 10
     reparam: str | None = "mlp"
     mlp_hidden: int = 512
@@ -65,6 +77,23 @@ class PrefixTuning(Method):
             raise TuningError(f"PrefixTuning init must be one of {INITS}, got {self.init!r}")
         if self.init == "text" and not self.text:
             raise TuningError("PrefixTuning(init='text') needs text='...'")
+
+    def learning_rate(self, study: bool = False) -> float:
+        if self.reparam == "mlp":
+            return self.mlp_compare_lr if study else self.mlp_default_lr
+        return super().learning_rate(study)
+
+    @classmethod
+    def cli_options(cls, options: Any) -> None:
+        options.add_argument("--length", type=int, help="positions per layer (default 10)")
+        options.add_argument("--init", help="vocab|text|random (default vocab)")
+        options.add_argument("--init-text", help="the text for --init text")
+        options.add_argument("--reparam", default="mlp", help="mlp (Li & Liang) or none (P-tuning v2)")
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, task: Task | None) -> PrefixTuning:
+        reparam = None if args.reparam in ("none", "None") else args.reparam
+        return cls(length=args.length or 10, reparam=reparam, init=args.init or "vocab", text=args.init_text)
 
 
 # --- the attention function ------------------------------------------------------------------

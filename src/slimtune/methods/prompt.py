@@ -21,7 +21,9 @@ them would put the prompt further from the input than it is in the row alone.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +33,9 @@ from ..routing import Routing
 from . import vocab
 from .base import Component, InitContext, Method, expect_shapes
 
+if TYPE_CHECKING:
+    from ..data import Task
+
 INITS = ("vocab", "labels", "uniform", "text")
 
 
@@ -39,6 +44,10 @@ class PromptTuning(Method):
     """`length` soft prompt tokens, initialised from `init` (vocab, labels, uniform or text)."""
 
     kind = "prompt"
+    # Soft prompts start far from where they end up and need far larger rates than well-placed weights.
+    default_lr = 3e-2
+    compare_lr = 0.3
+    label = "prompt tuning"
     length: int = 20
     init: str = "vocab"
     text: str | None = None
@@ -56,6 +65,36 @@ class PromptTuning(Method):
             raise TuningError("PromptTuning(init='labels') needs label_words=[...], e.g. ['positive', 'negative']")
         if isinstance(self.label_words, list):
             object.__setattr__(self, "label_words", tuple(self.label_words))
+
+    @classmethod
+    def cli_options(cls, options: Any) -> None:
+        options.add_argument("--length", type=int, help="soft prompt tokens (default 20)")
+        options.add_argument("--init", help="vocab|labels|uniform|text (default: labels on a classification task, else vocab)")
+        options.add_argument("--init-text", help="the text for --init text")
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, task: Task | None) -> PromptTuning:
+        init = args.init or ("labels" if task is not None and task.kind == "classification" else "vocab")
+        words = label_words(task) if init == "labels" else None
+        return cls(length=args.length or 20, init=init, text=args.init_text, label_words=words)
+
+    @classmethod
+    def study_defaults(cls, task_kind: str, family: str) -> dict[str, Any]:
+        """The settings of the comparison study's plain prompt tuning: 20 tokens, initialised from the label
+        words where the model answers through them (a decoder on a classification task), else from sampled
+        vocabulary. The study's ablations vary these."""
+        return {"init": "labels" if task_kind == "classification" and family != "encoder" else "vocab", "length": 20}
+
+    @classmethod
+    def for_study(cls, task: Task, model: nn.Module, family: str, options: dict[str, Any]) -> PromptTuning:
+        settings = {**cls.study_defaults(task.kind, family), **options}
+        words = label_words(task) if settings["init"] == "labels" else None
+        return cls(length=settings["length"], init=settings["init"], label_words=words)
+
+
+def label_words(task: Task | None) -> tuple[str, ...] | None:
+    """The words of a task's labels, in the order of its labels."""
+    return None if task is None else tuple(task.label_words[label] for label in task.labels)
 
 
 class PromptTuningParameters(nn.Module):
