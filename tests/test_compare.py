@@ -248,6 +248,29 @@ def test_several_seeds_give_each_seed_and_their_mean(tiny, tmp_path, started):
     assert (tmp_path / "out" / "runs" / "model-lora-seed2" / "row.json").is_file()
 
 
+def test_methods_outside_the_default_study_run_when_asked_for_at_their_own_rate_and_settings(tiny, tmp_path):
+    """DoRA and IA3 are left out of the default study (it must stay within `make demo`'s minutes) but any
+    registered method runs when --methods names it, at its study rate, under its label, as it builds itself."""
+    assert "dora" not in compare.METHODS and "ia3" not in compare.METHODS
+    out = tmp_path / "out"
+    args = ["--model", str(tiny["model"]), "--task", str(tiny["data"]), "--ood-task", str(tiny["ood"]),
+            "--methods", "dora", "ia3", "bitfit", "--budget", "smoke", "--out", str(out)]
+    assert compare.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["kind"], r["method"]) for r in rows] == [("dora", "DoRA"), ("ia3", "IA3"), ("bitfit", "BitFit")]
+    for r in rows:
+        assert r["lr"] == slimtune.methods.METHODS[r["kind"]].compare_lr
+        assert 0 <= r["in_distribution"] <= 1 and 0 <= r["out_of_distribution"] <= 1
+    # GPT-2: DoRA rank 8 on the fused c_attn (32 -> 96) with a magnitude per output, IA3 on c_attn's 96
+    # outputs and the feed-forward output layer's 128 inputs; BitFit on its biases (GPT-2 has them: none added).
+    assert [r["trainable"] for r in rows[:2]] == [2 * (8 * (32 + 96) + 96), 2 * (96 + 128)]
+    from slimtune.cli import open_model
+
+    model, _ = open_model(str(tiny["model"]), load_task(tiny["data"]))
+    assert compare.method_config(compare.Spec(str(tiny["model"]), "", None, "bitfit", "smoke", 0), None, model) == \
+        slimtune.BitFit(add_missing=False)
+
+
 def test_a_failing_configuration_stops_the_study_with_its_error_and_keeps_the_finished_rows(tiny, tmp_path, capfd):
     good = compare.Spec(str(tiny["model"]), str(tiny["data"]), str(tiny["ood"]), "design", "smoke", 0)
     bad = dataclasses.replace(good, model=str(tmp_path / "no-such-model"), method="lora")
