@@ -118,9 +118,9 @@ def test_tensors_that_do_not_fit_are_named(tmp_path):
     (path / "slimtune.json").write_text(json.dumps(record))
     with pytest.raises(slimtune.ModelMismatchError, match=r"has shape \(4, 32\), this model needs \(8, 32\)"):
         slimtune.load(build("gpt2"), path)
-    record["method"]["kind"] = "dora"
+    record["method"]["kind"] = "loha"
     (path / "slimtune.json").write_text(json.dumps(record))
-    with pytest.raises(slimtune.TuningFileError, match="unknown tuning method 'dora'"):
+    with pytest.raises(slimtune.TuningFileError, match="unknown tuning method 'loha'"):
         slimtune.load(build("gpt2"), path)
 
 
