@@ -10,7 +10,12 @@ In one process, on one model, with B rows each from a *different* user:
 - HF PEFT on the same model: LoRA with its mixed `adapter_names` batch, and prompt and prefix
   tuning through one `set_adapter` + forward (or generate) per user, since PEFT cannot mix them;
   plus two correctness checks of PEFT against slimtune;
-- throughput and memory as the bank holds 1, 16, 256 and 1,024 tunings.
+- throughput and memory as the bank holds 1, 16, 256 and 1,024 tunings;
+- one decoding step after a prefill (`Bank.decode`, a transformers cache), each method's mixed batch against
+  the base model: its time, and its top-level `aten::` ops (`torch.profiler`), the CPU's stand-in for a GPU's
+  kernel launches;
+- memory kept across batch layouts: 24 random mixes of B users served in turn, and the bytes the
+  methods hold beyond their users' parameters before and after.
 
 Timings interleave the base model and the configuration (base, config, base, config, ...) and
 report the median of the per-pair ratios, so a machine whose load drifts still compares like with
@@ -40,6 +45,9 @@ METHODS = {
     "prompt": lambda: slimtune.PromptTuning(length=10, init="uniform"),
     "lora": lambda: slimtune.LoRA(rank=8),
     "adapter": lambda: slimtune.Adapter(size=64),
+    "bitfit": lambda: slimtune.BitFit(add_missing=True),  # Llama has no biases
+    "ia3": lambda: slimtune.IA3(),
+    "dora": lambda: slimtune.DoRA(rank=8),
 }
 
 
@@ -95,7 +103,9 @@ def rss_bytes() -> int:
 
 
 def make_bank(model, users: int, kinds: list[str]) -> tuple[slimtune.Bank, list[str]]:
-    bank = slimtune.Bank(model)
+    """A bank of `users` tunings of `kinds` in turn, as an engine holds them (`serving`: tunings change only by
+    add and remove)."""
+    bank = slimtune.Bank(model, serving=True)
     names = []
     for i in range(users):
         bank.add(f"u{i}", METHODS[kinds[i % len(kinds)]]())
@@ -105,6 +115,44 @@ def make_bank(model, users: int, kinds: list[str]) -> tuple[slimtune.Bank, list[
 
 def tuning_bytes(bank: slimtune.Bank) -> int:
     return sum(p.numel() * p.element_size() for user in bank.users for p in bank.user_parameters(user))
+
+
+def extra_bytes(bank: slimtune.Bank) -> int:
+    """What the methods hold beyond the users' parameters: slot tables and values kept between calls."""
+    return sum(getattr(part, "table_bytes", 0) + part._kept_bytes for part in bank.parts.values())
+
+
+def top_level_ops(fn) -> int:
+    """`aten::` ops that `fn()` calls directly (not those that other aten ops call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    count = 0
+    for event in prof.events():
+        if event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("aten::"):
+                parent = parent.cpu_parent
+            count += parent is None
+    return count
+
+
+def decoder(bank: slimtune.Bank, users: list, ids: torch.Tensor, mask: torch.Tensor):
+    """A function running one more decoding step of `users`' rows after a prefill of `ids` (greedy), and that first
+    step run (it may set up what later steps reuse)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    logits, columns = bank.prefill(ids, mask, users, cache)
+    state = {"logits": logits, "columns": columns}
+
+    def step():
+        state["columns"] = torch.cat([state["columns"], state["columns"].new_ones(ids.shape[0], 1)], dim=1)
+        state["logits"] = bank.decode(state["logits"].argmax(-1, keepdim=True), state["columns"], users, cache)
+
+    step()
+    return step
 
 
 class Bench:
@@ -302,6 +350,39 @@ class Bench:
             out["peft_prefix_generate_first_token_matches_its_forward"] = bool(peft_text[0, ids.shape[1]] == forward_next)
         return out
 
+    # --- ops per decoding step, and memory across layouts -------------------------------------------
+
+    def ops(self, rows: int) -> None:
+        """Top-level ops and time of one decoding step (after a prefill of the batch), against the base model's."""
+        ids, mask = self.batch(rows, seed=2)
+        with torch.inference_mode():
+            base = decoder(slimtune.Bank(self.model), [None] * rows, ids, mask)
+            base_ops = top_level_ops(base)
+            for method in self.args.methods:
+                bank, users = make_bank(self.model, rows, list(METHODS) if method == "mix" else [method])
+                step = decoder(bank, users, ids, mask)
+                ops = top_level_ops(step)
+                _, s, ratio = paired(base, step, self.args.repeats * 4, self.device)
+                self.record("decoding step", f"slimtune {method}, mixed batch", rows, rows, s, ratio,
+                            ops=ops, base_ops=base_ops, ops_ratio=round(ops / base_ops, 3))
+                bank.detach()
+
+    def layouts(self, rows: int) -> None:
+        ids, mask = self.batch(rows, seed=3)
+        g = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            bank, names = make_bank(self.model, 4 * rows, list(METHODS))
+            before = extra_bytes(bank)
+            for _ in range(24):
+                users = [names[i] for i in torch.randperm(len(names), generator=g)[:rows].tolist()]
+                bank(input_ids=ids, attention_mask=mask, users=users)
+            row = {"section": "memory across layouts", "config": f"{4 * rows} tunings (mixed methods), 24 layouts of {rows}",
+                   "rows": rows, "tuning_bytes": tuning_bytes(bank), "extra_bytes_before": before,
+                   "extra_bytes_after": extra_bytes(bank)}
+            self.results.append(row)
+            print(json.dumps(row), flush=True)
+            bank.detach()
+
     # --- stored tunings ----------------------------------------------------------------------------
 
     def scaling(self, rows: int) -> None:
@@ -342,7 +423,7 @@ def main() -> None:
     p.add_argument("--loop-rows", type=int, default=16, help="time the one-at-a-time loop up to this many rows")
     p.add_argument("--stored", type=int, nargs="+", default=[1, 16, 256, 1024])
     p.add_argument("--methods", nargs="+", default=[*METHODS, "mix"], choices=[*METHODS, "mix"])
-    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "generation", "peft", "scaling"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "generation", "peft", "scaling", "ops", "layouts"])
     p.add_argument("--out", default="bench/results/many_users.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -367,6 +448,10 @@ def main() -> None:
             bench.generation(rows)
         if "peft" not in args.skip:
             bench.peft(rows)
+        if "ops" not in args.skip:
+            bench.ops(rows)
+        if "layouts" not in args.skip:
+            bench.layouts(rows)
     if "scaling" not in args.skip:
         bench.scaling(args.rows[0])
     checks = bench.peft_correctness() if "peft" not in args.skip else {}

@@ -47,18 +47,23 @@ def test_mixed_batch_equals_each_row_alone(arch):
                 torch.testing.assert_close(mixed[b][mask[b].bool()], alone[0], atol=1e-5, rtol=1e-4)
 
 
-def test_same_shaped_users_run_stacked(monkeypatch):
-    """Users of one method with equal shapes are computed in one gathered batch, not a loop."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_same_shaped_users_run_stacked(monkeypatch, grad):
+    """Users of one method with equal shapes are computed in one gathered batch, not a loop over users: from the
+    slot tables in inference, from the users' own parameters in training."""
     from slimtune.methods.base import SiteComponent
 
-    calls = []
-    original = SiteComponent._stacked
-    monkeypatch.setattr(SiteComponent, "_stacked", lambda self, *a: calls.append(self.kind) or original(self, *a))
+    looped = []
+    for cls in {type(part) for part in mixed_bank("llama").parts.values()}:
+        if issubclass(cls, SiteComponent) and cls.kind != "head":
+            original = cls.site_value
+            monkeypatch.setattr(cls, "site_value", lambda self, *a, _o=original: looped.append(self.kind) or _o(self, *a))
     bank = mixed_bank("llama")
     ids, mask = padded_batch("llama", [4, 4, 4, 4, 4, 4])
-    with torch.no_grad():
-        bank(input_ids=ids, attention_mask=mask, users=["lora", "lora2", "houlsby", "houlsby2", "bitfit", "bitfit2"])
-    assert {"lora", "adapter", "bitfit"} <= set(calls)
+    with torch.set_grad_enabled(grad):
+        out = bank(input_ids=ids, attention_mask=mask, users=["lora", "lora2", "houlsby", "houlsby2", "bitfit", "bitfit2"])
+    assert looped == []
+    assert out.logits.requires_grad == grad
 
 
 def test_rows_differ_between_users(arch):

@@ -65,7 +65,7 @@ def test_rslora_scales_by_alpha_over_the_square_root_of_the_rank():
     ids = padded_batch("llama", [5])[0].repeat(2, 1)
     with torch.no_grad():
         out = bank(input_ids=ids, users=["rs", "plain"]).logits
-    torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)  # float rounding of two rows of one batched matmul
 
 
 def test_dora_is_a_magnitude_times_the_updated_direction():

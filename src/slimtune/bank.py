@@ -30,13 +30,18 @@ from .routing import Routing, keep_routing_in_checkpoints, routed
 class Bank(nn.Module):
     """Many users' tunings over one shared, frozen model."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, frozen: bool = False):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, frozen: bool = False, serving: bool = False):
         """`frozen=True`: the model must stay exactly as it is (a server's shared model): tunings that write
-        its weights (a full fine-tune) are refused even when the bank is empty."""
+        its weights (a full fine-tune) are refused even when the bank is empty.
+
+        `serving=True` (an engine's bank): tunings change only through `add` and `remove`, never in place, so
+        the parameters gathered for one batch layout are kept for the calls that follow with the same rows (the
+        decoding steps), instead of being gathered from the slot tables at every call."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.frozen = frozen
+        self.serving = serving
         self.parts = nn.ModuleDict()  # method kind -> Component holding every user of that method
         self._methods: dict[str, Method] = {}
         self._takes_positions = modules.accepts(model, "position_ids")
@@ -183,7 +188,7 @@ class Bank(nn.Module):
         if "full" in self.parts and None in users:
             raise TuningError("this bank's model is fully fine-tuned; it has no frozen base model for rows of user None")
         owners = {u: tuple(self._parts_of(u)) for u in set(users) if u is not None}
-        return Routing(users, owners, device)
+        return Routing(users, owners, device, keep_layout=self.serving)
 
     def _start(self, routing: Routing) -> None:
         if getattr(self.model, "is_activation_checkpointing", False):  # transformers >= 5.24's name

@@ -321,7 +321,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store = store
-        self.bank = Bank(model, tokenizer, frozen=True)
+        self.bank = Bank(model, tokenizer, frozen=True, serving=True)
         self.max_resident = max_resident
         self.max_batch = max_batch
         config = modules.text_config(model)

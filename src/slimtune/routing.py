@@ -31,8 +31,10 @@ class Routing:
         owners: dict[str, tuple[nn.Module, ...]],
         device: torch.device,
         capture: dict | None = None,
+        keep_layout: bool = False,
     ):
         self.users = list(users)
+        self.keep_layout = keep_layout  # the tunings change only by add and remove: see `SlotRows.params`
         self.device = device
         self.cache: dict = {}
         self.components = list(dict.fromkeys(c for cs in owners.values() for c in cs))

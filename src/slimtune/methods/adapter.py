@@ -23,6 +23,7 @@ from torch import nn
 from .. import modules
 from ..errors import TuningError
 from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
+from .slots import RowParams
 
 if TYPE_CHECKING:
     from ..data import Task
@@ -132,23 +133,21 @@ class AdapterComponent(SiteComponent):
     def site_value(self, user: str, name: str, h: torch.Tensor) -> torch.Tensor:
         return self.tuning(user).delta(name, h)
 
-    def stackable(self, users: list[str]) -> bool:
-        first = self.methods[users[0]]
-        return all((self.methods[u].size, self.methods[u].activation) == (first.size, first.activation) for u in users)
+    nulls = (0.0, 0.0, 0.0, 0.0)
 
-    def stack(self, name: str, users: list[str]) -> tuple[torch.Tensor, ...]:
-        blocks = [self.tuning(u).blocks[site_key(name)] for u in users]
-        return (torch.stack([b.down.weight for b in blocks]),  # [n, r, d]
-                torch.stack([b.down.bias for b in blocks]),
-                torch.stack([b.up.weight for b in blocks]),  # [n, d, r]
-                torch.stack([b.up.bias for b in blocks]))
+    def slot_group(self, user: str) -> tuple:
+        method = self.methods[user]
+        return method.size, method.activation
 
-    def stacked_apply(self, name: str, users: list[str], params: tuple[torch.Tensor, ...], h: torch.Tensor) -> torch.Tensor:
-        down_w, down_b, up_w, up_b = params
+    def site_tensors(self, user: str, name: str) -> tuple[nn.Parameter, ...]:
+        block = self.tuning(user).blocks[site_key(name)]
+        return block.down.weight, block.down.bias, block.up.weight, block.up.bias  # [r, d], [r], [d, r], [d]
+
+    def stacked_apply(self, name: str, users: list[str], params: RowParams, h: torch.Tensor) -> torch.Tensor:
         act = self.tuning(users[0]).blocks[site_key(name)].act
-        x = h.to(down_w.dtype).reshape(h.shape[0], -1, h.shape[-1])
-        mid = act(torch.baddbmm(down_b[:, None], x, down_w.transpose(1, 2)))
-        return torch.baddbmm(up_b[:, None], mid, up_w.transpose(1, 2)).reshape(h.shape)
+        shape = (h.shape[0], *[1] * (h.dim() - 2), -1)  # a row's vector, to add to each of its positions
+        mid = act(params.matmul(h, 0) + params.vector(1).view(shape))
+        return params.matmul(mid, 2) + params.vector(3).view(shape)
 
     def build(self, method: Adapter, context: InitContext) -> nn.Module:
         tuning = AdapterTuning(method, adapter_sites(self.model, method))

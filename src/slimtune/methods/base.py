@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ModelMismatchError, TuningError
 from ..routing import Routing, active, route
+from .slots import RowParams, SlotRows, SlotTable
 
 if TYPE_CHECKING:
     from ..data import Task
@@ -100,15 +101,19 @@ def site_key(name: str) -> str:
 
 
 class Component(nn.Module):
-    """One method installed on one model, holding the tunings of many users."""
+    """One method installed on one model, holding the tunings of many users.
+
+    A method whose tunings of one shape stack (`slot_group`) keeps each in a slot of a preallocated table per
+    site (see `slots`): inference reads every row's parameters from the tables, whatever the mix of users."""
 
     kind: ClassVar[str] = ""
     # True for a method whose update folds into the frozen weights: it implements `fold()`, and `merge()`
     # serves one tuning at no extra cost per token.
     merges: ClassVar[bool] = False
-    # At most this much kept by `kept()` per component: room for a few batch layouts of 64 users' adapters
-    # (1.1 GB each on SmolLM2-135M); a smaller budget re-stacks every decoding step.
+    # At most this much kept by `kept()` per component, for what is computed from a tuning rather than held in
+    # its slot (DoRA's gains, a reparameterised prefix): beyond it, what was kept is dropped.
     keep_bytes: ClassVar[int] = 4 << 30
+    nulls: ClassVar[tuple[float, ...]] = ()  # slot 0 of each of `site_tensors()`: the value that changes nothing
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -120,6 +125,7 @@ class Component(nn.Module):
         self._kept: dict = {}  # key -> (signature, value): see `kept()`
         self._kept_bytes = 0
         self.merged: str | None = None  # the user whose update is folded into the weights
+        self.tables: dict[Hashable, SlotTable] = {}  # slot_group -> its table (see `slots`)
 
     @property
     def device(self) -> torch.device:
@@ -137,11 +143,35 @@ class Component(nn.Module):
         self.users[slot_key(user)] = tuning.to(device=self.device, dtype=self.dtype)
         self.methods[user] = method
         self._forget(user)
+        group = self.slot_group(user)
+        if group is not None:
+            table = self.tables.setdefault(group, SlotTable(self.nulls))
+            table.add(user, self._links(user), self.slot_numbers(user))
 
     def remove(self, user: str) -> None:
+        group = self.slot_group(user)
+        if group is not None:
+            table = self.tables[group]
+            table.remove(user)
+            if not table.slots:
+                del self.tables[group]
         del self.users[slot_key(user)]
         del self.methods[user]
         self._forget(user)
+
+    def _links(self, user: str) -> dict[str, tuple[nn.Parameter, ...]]:
+        return {name: self.site_tensors(user, name) for name in self.tuning(user).names}
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        for table in self.tables.values():  # the parameters have new storage (another device or dtype)
+            table.rebuild(links={user: self._links(user) for user in table.slots})
+        return out
+
+    @property
+    def table_bytes(self) -> int:
+        """What the slot tables hold, and what they keep gathered for the current batch layout."""
+        return sum(table.nbytes + table.kept_bytes for table in self.tables.values())
 
     def _forget(self, user: str) -> None:
         self._param_lists.pop(user, None)
@@ -189,6 +219,41 @@ class Component(nn.Module):
 
     def tuning(self, user: str) -> nn.Module:
         return self.users[slot_key(user)]
+
+    def skips(self, user: str) -> bool:
+        return user == self.merged  # its update is already inside the weights
+
+    def slot_group(self, user: str) -> Hashable | None:
+        """What the user's tuning shares with the others of its slot table (LoRA: its rank); None: it has no slot
+        (its method's tunings run one user at a time)."""
+        return None
+
+    def site_tensors(self, user: str, name: str) -> tuple[nn.Parameter, ...]:
+        """The user's parameters at one site (a name of `tuning(user).names`), as they are stacked in its slot."""
+        raise NotImplementedError
+
+    def slot_numbers(self, user: str) -> tuple[float, ...]:
+        """Numbers of the user's tuning that `stacked_apply` takes after the site's tensors, one per row (LoRA's scale)."""
+        return ()
+
+    def slot_rows(self, routing: Routing, batch: int) -> list[tuple[SlotTable, str, SlotRows]]:
+        """For each slot table with rows in this batch: (table, one of its users, where its rows are); every row
+        of the batch is in each, rows without a tuning in the table in slot 0."""
+        key = ("slots", id(self), batch)
+        if key not in routing.cache:
+            out = []
+            users = [u for u, _ in routing.groups(self, batch) if not self.skips(u)]
+            if users:
+                factor = batch // len(routing.users)
+                rows = [None if self.skips(u) else u for u in routing.users for _ in range(factor)]
+                for group in dict.fromkeys(self.slot_group(u) for u in users):
+                    if group is None:  # a tuning without a slot: the method handles its rows itself
+                        continue
+                    table = self.tables[group]
+                    some = next(u for u in users if u in table.slots)
+                    out.append((table, some, SlotRows(table, table.index(rows), self.device, routing.keep_layout)))
+            routing.cache[key] = out
+        return routing.cache[key]
 
     def user_parameters(self, user: str) -> Iterator[nn.Parameter]:
         return self.tuning(user).parameters()
@@ -275,6 +340,11 @@ class SiteComponent(Component):
     Each user's tuning lists its `names`; `site_value` gives the user's change at one site for
     their rows, computed from the module's input (`from_input`) or its output, and added to the
     output (or replacing it, `replace`).
+
+    A method whose tunings of one shape can run as one batched computation names their group
+    (`slot_group`) and the tensors of a site (`site_tensors`): its resident tunings then live in slot
+    tables (see `slots`), from which inference gathers each row's parameters, and training stacks the
+    users' own parameters, with `stacked_apply` computing every row's change in both.
     """
 
     from_input: ClassVar[bool] = False
@@ -297,19 +367,22 @@ class SiteComponent(Component):
     def site_value(self, user: str, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def skips(self, user: str) -> bool:
-        return user == self.merged  # its update is already inside the weights
-
     def stackable(self, users: list[str]) -> bool:
         """Whether these users' tunings have the same shapes, so they can run as one batched computation."""
-        return False
+        groups = {self.slot_group(u) for u in users}
+        return len(groups) == 1 and None not in groups
 
-    def stack(self, name: str, users: list[str]) -> tuple[torch.Tensor, ...]:
-        """The users' parameters at one site, each stacked along a new first dimension [len(users), ...]."""
-        raise NotImplementedError
+    def stack(self, name: str, users: list[str]) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The users' parameters at one site, each stacked along a new first dimension [len(users), ...], and their
+        `slot_numbers`, each as a tensor [len(users)]."""
+        stacked = tuple(torch.stack(ts) for ts in zip(*(self.site_tensors(u, name) for u in users), strict=True))
+        numbers = torch.tensor([self.slot_numbers(u) for u in users], dtype=stacked[0].dtype, device=stacked[0].device)
+        return stacked, tuple(numbers.unbind(1))
 
-    def stacked_apply(self, name: str, users: list[str], params: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        """`site_value` for many rows at once: `params` are `stack()`'s tensors gathered by row (row i's own)."""
+    def stacked_apply(self, name: str, users: list[str], params: RowParams, x: torch.Tensor) -> torch.Tensor:
+        """`site_value` for many rows at once, each with its own parameters (`params`, in the order of
+        `site_tensors`); `users[0]` is one of the users (they share their `slot_group`). The same code runs in
+        training, on the users' own parameters, and in inference, on the slot tables."""
         raise NotImplementedError
 
     def install(self, tuning: nn.Module) -> None:
@@ -327,6 +400,9 @@ class SiteComponent(Component):
             routing = active()
             if routing is None:
                 return None
+            source = args[0] if self.from_input else output
+            if self.tables and not torch.is_grad_enabled():
+                return self._from_tables(name, routing, source, output)
             everyone = routing.groups(self, output.shape[0])
             key = ("site-groups", id(self), name, output.shape[0])
             if key not in routing.cache:  # the same for every call at this site during one forward
@@ -334,28 +410,36 @@ class SiteComponent(Component):
             groups = routing.cache[key]
             if not groups:
                 return None
-            source = args[0] if self.from_input else output
             if 1 < len(groups) == len(everyone) and self.stackable([user for user, _ in groups]):
                 return self._stacked(name, routing, source, output)
             return route(source, output, groups, lambda user, x: self.site_value(user, name, x), self.replace)
 
         return hook
 
+    def _from_tables(self, name: str, routing: Routing, source: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        """Every row's change computed from the slot tables: rows without a tuning here read slot 0, which changes
+        nothing, so the batch runs whole whatever its mix of users."""
+        changed = None
+        for table, some, rows in self.slot_rows(routing, output.shape[0]):
+            tensors = table.tensors.get(name)
+            if tensors is None:
+                continue
+            value = self.stacked_apply(name, [some], rows.params(name), source).to(output.dtype)
+            changed = (output if changed is None else changed) + value
+        return changed
+
     def _stacked(self, name: str, routing: Routing, source: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """Every user's rows in one gathered, batched computation instead of a loop over users."""
+        """Every user's rows in one gathered, batched computation instead of a loop over users (in training: through
+        the users' own parameters, so that each gets gradient from their rows only)."""
         batch = output.shape[0]
         users, rows, which = routing.stacked(self, batch)
-        params = self._gather(name, users, which, routing, batch)
+        tensors, numbers = self.stack(name, users)
+        params = RowParams([t[which] for t in tensors], [n[which] for n in numbers])
         if routing.in_order(self, batch):  # every row is ours, in order: no gather or scatter of activations
             value = self.stacked_apply(name, users, params, source).to(output.dtype)
             return value if self.replace else output + value
         value = self.stacked_apply(name, users, params, source.index_select(0, rows)).to(output.dtype)
         return output.index_copy(0, rows, value) if self.replace else output.index_add(0, rows, value)
-
-    def _gather(self, name: str, users: list[str], which: torch.Tensor, routing: Routing, batch: int) -> tuple:
-        """Each row's parameters at one site (kept between inference calls with the same rows)."""
-        key = ("site", name, tuple(users), routing.owners_key(self, batch))
-        return self.kept(key, users, lambda: tuple(t[which] for t in self.stack(name, users)), routing)
 
     def close(self) -> None:
         super().close()

@@ -21,6 +21,7 @@ from torch import nn
 from .. import modules
 from ..errors import TuningError
 from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
+from .slots import RowParams
 
 if TYPE_CHECKING:
     from ..data import Task
@@ -67,15 +68,16 @@ class BitFitComponent(SiteComponent):
     def site_value(self, user: str, name: str, out: torch.Tensor) -> torch.Tensor:
         return self.tuning(user).bias(name).expand_as(out)
 
-    def stackable(self, users: list[str]) -> bool:
-        return True
+    nulls = (0.0,)
 
-    def stack(self, name: str, users: list[str]) -> tuple[torch.Tensor, ...]:
-        return (torch.stack([self.tuning(u).bias(name) for u in users]),)  # [n, d]
+    def slot_group(self, user: str) -> tuple:
+        return ()  # every BitFit tuning of a model has one shape per site
 
-    def stacked_apply(self, name: str, users: list[str], params: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-        (delta,) = params
-        return delta.view(out.shape[0], *[1] * (out.dim() - 2), out.shape[-1]).expand_as(out)
+    def site_tensors(self, user: str, name: str) -> tuple[nn.Parameter, ...]:
+        return (self.tuning(user).delta[site_key(name)],)  # [d]
+
+    def stacked_apply(self, name: str, users: list[str], params: RowParams, out: torch.Tensor) -> torch.Tensor:
+        return params.vector(0).view(out.shape[0], *[1] * (out.dim() - 2), out.shape[-1]).expand_as(out)
 
     def sites(self, method: BitFit) -> dict[str, int]:
         sites = {}

@@ -28,7 +28,7 @@ from torch import nn
 from .. import modules
 from ..errors import TuningError
 from ..routing import active
-from .base import Component, InitContext, Method, expect_shapes, site_key
+from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
 
 if TYPE_CHECKING:
     from ..data import Task
@@ -132,14 +132,21 @@ class IA3Tuning(nn.Module):
         return self.scale[site_key(name)]
 
 
-class IA3Component(Component):
+class IA3Component(SiteComponent):
     kind = "ia3"
 
     merges = True
+    nulls = (1.0,)  # a scale of one changes nothing
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self.hooked: dict[str, bool] = {}  # layer -> whether its input (True) or output is scaled
+
+    def slot_group(self, user: str) -> tuple:
+        return ()  # every IA3 tuning of a model has one vector per layer, of the layer's width
+
+    def site_tensors(self, user: str, name: str) -> tuple[nn.Parameter, ...]:
+        return (self.tuning(user).vector(name),)
 
     def sites(self, method: IA3) -> dict[str, tuple[int, bool]]:
         sites = ia3_sites(self.model, method)
@@ -204,17 +211,19 @@ class IA3Component(Component):
         batch = h.shape[0]
         if routing is None or not routing.groups(self, batch):
             return None
-        users, rows, which = routing.stacked(self, batch)
-        live = [u for u in users if u != self.merged and name in self.tuning(u).scales_input]
-        if not live:
-            return None
-
-        def build() -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: each row's vector from the slot table (ones on other rows)
+            found = self.slot_rows(routing, batch)
+            if not found or name not in found[0][0].tensors:
+                return None
+            scale = found[0][2].params(name).vector(0)
+        else:
+            users, rows, which = routing.stacked(self, batch)
+            live = [u for u in users if u != self.merged and name in self.tuning(u).scales_input]
+            if not live:
+                return None
             ones = torch.ones(h.shape[-1], device=h.device, dtype=self.dtype)
             table = torch.stack([self.tuning(u).vector(name) if u in live else ones for u in users])
-            return torch.ones(batch, h.shape[-1], device=h.device, dtype=table.dtype).index_copy(0, rows, table[which])
-
-        scale = self.kept(("scale", name, tuple(users), routing.owners_key(self, batch)), users, build, routing)
+            scale = torch.ones(batch, h.shape[-1], device=h.device, dtype=table.dtype).index_copy(0, rows, table[which])
         return scale.view(batch, *[1] * (h.dim() - 2), -1).to(h.dtype)
 
     # --- merging -----------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from torch import nn
 from .. import modules
 from ..errors import TuningError
 from .base import InitContext, Method, SiteComponent, expect_shapes, site_key
+from .slots import RowParams
 
 if TYPE_CHECKING:
     from ..data import Task
@@ -132,23 +133,23 @@ class LoRAComponent(SiteComponent):
     def site_value(self, user: str, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.tuning(user).delta(name, x)
 
-    def stackable(self, users: list[str]) -> bool:
-        first = self.methods[users[0]]
-        return all((self.methods[u].rank, self.methods[u].dropout) == (first.rank, first.dropout) for u in users)
+    nulls = (0.0, 0.0)
 
-    def stack(self, name: str, users: list[str]) -> tuple[torch.Tensor, ...]:
-        key = site_key(name)
-        tunings = [self.tuning(u) for u in users]
-        a = torch.stack([t.A[key] for t in tunings])  # [n, r, d_in]
-        b = torch.stack([t.B[key] for t in tunings])  # [n, d_out, r]
-        scale = torch.tensor([t.scale for t in tunings], dtype=a.dtype, device=a.device)
-        return a, b * scale[:, None, None]  # the scale folded into B: one multiply fewer per call
+    def slot_group(self, user: str) -> tuple:
+        method = self.methods[user]
+        return method.rank, method.dropout
 
-    def stacked_apply(self, name: str, users: list[str], params: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        a, b = params
-        h = self.tuning(users[0]).dropout(x).to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
-        out = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))
-        return out.reshape(*x.shape[:-1], b.shape[1])
+    def slot_numbers(self, user: str) -> tuple[float, ...]:
+        return (self.tuning(user).scale,)
+
+    def site_tensors(self, user: str, name: str) -> tuple[nn.Parameter, ...]:
+        tuning, key = self.tuning(user), site_key(name)
+        return tuning.A[key], tuning.B[key]  # [r, d_in], [d_out, r]
+
+    def stacked_apply(self, name: str, users: list[str], params: RowParams, x: torch.Tensor) -> torch.Tensor:
+        (scale,) = params.numbers
+        down = params.matmul(self.tuning(users[0]).dropout(x), 0)  # [rows, ..., r]: the smallest place for the scale
+        return params.matmul(down * scale.view(-1, *[1] * (x.dim() - 1)), 1)
 
     def new_tuning(self, method: LoRA, sites: dict[str, tuple[int, int]]) -> LoRATuning:
         return LoRATuning(method, sites)

@@ -296,10 +296,41 @@ class PrefixComponent(Component):
         with torch.no_grad():
             return {f"{n}.prefix": t.detach().contiguous() for n, t in self.tuning(user).tables().items()}
 
+    nulls = (0.0,)  # slot 0: no prefix (its columns are masked out)
+
+    def slot_group(self, user: str) -> int | None:
+        """A prefix held as keys and values (not made by its MLP in training) has a slot in the table of its length."""
+        return self.methods[user].length if hasattr(self.tuning(user), "prefix") else None
+
+    def site_tensors(self, user: str, name: str) -> tuple[nn.Parameter, ...]:
+        return (self.tuning(user).prefix[site_key(name)],)  # [2, kv_heads, k, head_dim]
+
+    def _from_slots(self, routing: Routing, batch: int) -> bool:
+        """Whether this batch's prefixes are read from the slot tables: in inference, every user's prefix in one."""
+        key = ("prefix-from-slots", id(self), batch)
+        if key not in routing.cache:
+            routing.cache[key] = not torch.is_grad_enabled() and all(
+                self.slot_group(user) is not None for user, _ in routing.groups(self, batch))
+        return routing.cache[key]
+
     def prepare(self, routing: Routing) -> None:
         # The MLP runs once per batch, not once per layer (and in inference, once until the tuning changes).
+        if self._from_slots(routing, len(routing.users)):
+            return
         users = [user for user, _ in routing.groups(self)]
         routing.cache[self] = {user: self.kept(("tables", user), [user], self.tuning(user).tables) for user in users}
+
+    def _slotted_prefix(self, name: str, routing: Routing, batch: int):
+        """Each row's prefix at one site from the slot tables, one table per prefix length side by side: a row's
+        columns are valid in its own table's part only (slot 0, zeros, in the others)."""
+        found = [(table, rows) for table, _, rows in self.slot_rows(routing, batch) if name in table.tensors]
+        parts = [rows.params(name).vector(0) for _, rows in found]  # [batch, 2, kv_heads, k, head_dim] each
+        p = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+        key = ("prefix-slot-columns", id(self), batch)  # the same for every layer of this batch
+        if key not in routing.cache:
+            routing.cache[key] = torch.cat([(rows.index != 0)[:, None].expand(batch, table.tensors[name][0].shape[3])
+                                            for table, rows in found], dim=1)
+        return p[:, 0], p[:, 1], routing.cache[key]
 
     def batch_prefix(self, module: nn.Module, routing: Routing, batch: int):
         site = self.sites.get(module)
@@ -307,6 +338,8 @@ class PrefixComponent(Component):
         if not groups:
             return None
         name = site[0]
+        if self._from_slots(routing, batch):
+            return self._slotted_prefix(name, routing, batch)
         tables = routing.cache.get(self)
         if tables is None:
             self.prepare(routing)

@@ -1,0 +1,164 @@
+"""Slot tables: the resident tunings of one method and shape, stacked in preallocated tensors per site.
+
+As vLLM's LoRA path keeps one `[max_loras, ...]` tensor per layer and a per-token slot index, a
+`SlotTable` keeps, for every site of a group of same-shaped tunings (LoRA of one rank, adapters of one
+width, all BitFit or IA3 tunings of a model), one tensor `[slots, ...]` per parameter. A batch then
+needs only a row → slot index; each site gathers its rows' parameters from the table, whatever the
+mix of users, with no per-layout copies kept between calls.
+
+Slot 0 holds the method's null tuning (zeros for an additive update, ones for IA3's scales): rows of the
+base model, of other methods, of a merged tuning or of a user without this site take slot 0 and get
+exactly their frozen output, with no branch per row.
+
+A user's parameters are views of their slot (`param.data` is `table[slot]`): an optimizer step or a
+load writes the table in place, so inference reads the table with no bookkeeping of changes. Training
+reads the parameters themselves, so each user's gradient still comes only from their own rows; an
+optimizer's state is per parameter, hence per user, as before. A removed user's parameters get
+storage of their own again, so a slot can be reused without touching a tuning someone still holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+class SlotTable:
+    """One group's tables: `tensors[site][i]` is `[capacity + 1, *shape of the i-th parameter]`, and `values`
+    `[capacity + 1, n]` holds numbers of each tuning that are not parameters (LoRA's scale), 0 in slot 0."""
+
+    def __init__(self, nulls: Sequence[float]):
+        self.nulls = tuple(nulls)  # the value of slot 0, for each parameter of a site
+        self.capacity = 0  # slots for users, besides slot 0
+        self.slots: dict[str, int] = {}
+        self.free: list[int] = []
+        self.tensors: dict[str, list[torch.Tensor]] = {}
+        self.links: dict[str, dict[str, tuple[nn.Parameter, ...]]] = {}  # user -> site -> the parameters of the slot
+        self.numbers: dict[str, tuple[float, ...]] = {}
+        self.values: torch.Tensor | None = None
+        self.generation = 0  # changes whenever a slot is written: what was gathered from the tables is stale
+        self.layout: tuple | None = None  # the batch layout whose gathered parameters are `kept`, by site
+        self.kept: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """The tables' bytes (and the numbers'): slots × one tuning, whatever the batches served."""
+        values = 0 if self.values is None else self.values.numel() * self.values.element_size()
+        return values + sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts)
+
+    @property
+    def kept_bytes(self) -> int:
+        """The bytes of the parameters gathered for the last batch layout (see `SlotRows.params`)."""
+        return sum(t.numel() * t.element_size() for ts in self.kept.values() for t in ts)
+
+    def _changed(self) -> None:
+        self.generation += 1
+        self.layout, self.kept = None, {}
+
+    def add(self, user: str, sites: dict[str, tuple[nn.Parameter, ...]], numbers: tuple[float, ...] = ()) -> None:
+        """Give `user` a slot, write their parameters at each site into it and make them views of it."""
+        self._writable()
+        self._changed()
+        if not self.free:
+            self.rebuild(max(4, 2 * self.capacity))
+        slot = self.free.pop()
+        self.slots[user] = slot
+        self.links[user] = sites
+        self.numbers[user] = numbers
+        with torch.no_grad():
+            if self.values is None:
+                like = next(iter(sites.values()))[0]
+                self.values = torch.zeros(self.capacity + 1, len(numbers), dtype=like.dtype, device=like.device)
+            self.values[slot] = torch.tensor(numbers, dtype=self.values.dtype)
+            for name, params in sites.items():
+                if name not in self.tensors:
+                    self.tensors[name] = [self._new(p, null) for p, null in zip(params, self.nulls, strict=True)]
+                for table, p in zip(self.tensors[name], params, strict=True):
+                    table[slot].copy_(p)
+                    p.data = table[slot]
+
+    def remove(self, user: str) -> None:
+        """Free `user`'s slot: their parameters get their own storage back, the slot is reset to the null tuning."""
+        self._writable()
+        self._changed()
+        slot = self.slots.pop(user)
+        del self.numbers[user]
+        with torch.no_grad():
+            self.values[slot] = 0
+            for params in self.links.pop(user).values():
+                for p in params:
+                    p.data = p.data.clone()
+            for ts in self.tensors.values():
+                for table, null in zip(ts, self.nulls, strict=True):
+                    table[slot].fill_(null)
+        self.free.append(slot)
+
+    def rebuild(self, capacity: int | None = None, links: dict[str, dict[str, tuple[nn.Parameter, ...]]] | None = None) -> None:
+        """Make the tables afresh from the users' parameters (`links`: the users' parameters by site, given anew
+        after `Module.to()`, which gives parameters new storage), on their device and dtype and with room for
+        `capacity` users."""
+        links = self.links if links is None else links
+        numbers = self.numbers
+        self._changed()
+        self.capacity = max(capacity or 0, self.capacity)
+        self.slots, self.links, self.tensors, self.numbers, self.values = {}, {}, {}, {}, None
+        self.free = list(range(self.capacity, 0, -1))
+        for user, sites in links.items():
+            self.add(user, sites, numbers[user])
+
+    def _writable(self) -> None:
+        """Tables made in inference mode (an engine loading tunings) can be written only there: outside it, copy
+        them into ordinary tensors first."""
+        if not torch.is_inference_mode_enabled() and self.values is not None and self.values.is_inference():
+            self.rebuild()
+
+    def _new(self, like: torch.Tensor, null: float) -> torch.Tensor:
+        return torch.full((self.capacity + 1, *like.shape), null, dtype=like.dtype, device=like.device)
+
+    def index(self, users: Iterable[str | None]) -> list[int]:
+        """Each row's slot (0 for a row that is not one of this table's users)."""
+        return [self.slots.get(user, 0) if user is not None else 0 for user in users]
+
+
+class RowParams:
+    """Each row's parameters at one site, as a method's `stacked_apply` uses them: `matmul(x, i)` is every row of
+    `x` times its own i-th parameter (a matrix [out, in], as `nn.Linear` keeps its weight) transposed, `vector(i)`
+    each row's own i-th parameter, `numbers[j]` each row's j-th `slot_numbers` [rows]. Gathered by row: from the
+    users' own parameters in training (so gradient flows back to each), from the slot tables in inference."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], numbers: Sequence[torch.Tensor] = ()):
+        self.tensors, self.numbers = tuple(tensors), tuple(numbers)
+
+    def matmul(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        w = self.tensors[i]
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(w.dtype)
+        return torch.bmm(flat, w.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
+
+    def vector(self, i: int) -> torch.Tensor:
+        return self.tensors[i]
+
+
+class SlotRows:
+    """One table's rows of a batch: `index` [batch] each row's slot, `numbers` each row's numbers."""
+
+    def __init__(self, table: SlotTable, index: list[int], device: torch.device, keep: bool):
+        self.table = table
+        self.index = torch.tensor(index, device=device)
+        self.numbers = tuple(table.values.index_select(0, self.index).unbind(1))
+        self.layout = (tuple(index), table.generation)
+        self.keep = keep
+
+    def params(self, name: str) -> RowParams:
+        """The rows' parameters at one site, gathered from its tables. With `keep` (a bank whose tunings change only
+        through add and remove, as an engine's), what one batch layout gathered is kept for the next calls with
+        the same rows (decoding steps), in place of what the last layout kept: one layout's copy at most."""
+        table = self.table
+        if not self.keep:
+            return RowParams([t.index_select(0, self.index) for t in table.tensors[name]], self.numbers)
+        if table.layout != self.layout:
+            table.layout, table.kept = self.layout, {}
+        if name not in table.kept:
+            table.kept[name] = tuple(t.index_select(0, self.index) for t in table.tensors[name])
+        return RowParams(table.kept[name], self.numbers)
