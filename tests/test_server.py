@@ -497,6 +497,8 @@ def test_metrics_in_prometheus_text_format(srv):
     assert 'slimtune_http_requests_total{endpoint="/v1/completions",method="POST",status="404"}' in text
     assert 'slimtune_http_request_duration_seconds_bucket{endpoint="/v1/completions",le="+Inf"}' in text
     assert "slimtune_batch_rows_count" in text and "slimtune_resident_tunings" in text
+    tables = next(line for line in text.splitlines() if line.startswith('slimtune_tuning_bytes{part="tables"}'))
+    assert float(tables.split()[1]) > 0  # the LoRA tuning's slot table
     generated = next(line for line in text.splitlines() if line.startswith("slimtune_generated_tokens "))
     assert float(generated.split()[1]) > 0
     assert srv.alice["id"] not in text and "lora" not in text

@@ -117,6 +117,20 @@ class Bank(nn.Module):
         for part in self._parts_of(user):
             yield from part.user_parameters(user)
 
+    def memory(self) -> dict[str, int]:
+        """Bytes the bank holds beside the model: `tables`, the slot tables (every slot, free ones included) and
+        the tunings without a slot (prompts, task heads, prefixes made by their MLP); `layout`, the parameters
+        gathered for the last batch layout (a serving bank); `kept`, values computed from tunings and kept
+        between calls (DoRA's gains, a reparameterised prefix)."""
+        out = {"tables": 0, "layout": 0, "kept": 0}
+        for part in self.parts.values():
+            out["tables"] += sum(t.nbytes for t in part.tables.values())
+            out["layout"] += sum(t.kept_bytes for t in part.tables.values())
+            out["kept"] += part._kept_bytes
+            out["tables"] += sum(p.numel() * p.element_size() for user in part.methods if part.slot_group(user) is None
+                                 for p in part.user_parameters(user))
+        return out
+
     def state(self, user: str) -> dict[str, torch.Tensor]:
         """`user`'s tuning as saved: the method's tensors, and the head's under `head.`."""
         self._check_known(user)

@@ -302,6 +302,7 @@ class EngineStats:
     loads: int = 0
     evictions: int = 0
     cache_relayouts: int = 0  # times the batch's KV cache was copied into new buffers (it grows like an array)
+    memory: dict = field(default_factory=dict)  # Bank.memory() after the last step: the tunings' bytes, by part
 
 
 class Engine:
@@ -375,6 +376,11 @@ class Engine:
     @property
     def resident(self) -> list[str]:
         return self._residency.names
+
+    def memory(self) -> dict[str, int]:
+        """Bytes the resident tunings take beside the model (see `Bank.memory`) as of the last decoding step:
+        bounded by the slots of `max_resident` tunings and one batch layout, whatever the batches served."""
+        return dict(self.stats.memory)
 
     def knows(self, user: str | None) -> bool:
         if user is None or user in self._residency.pinned:
@@ -620,6 +626,7 @@ class Engine:
                         self._admit()
                         if self._running:
                             self._step()
+                        self.stats.memory = self.bank.memory()
                 except Exception as err:  # a fault of the engine's own: each request's errors are caught nearer
                     self._fail_all(err)
         finally:  # even a BaseException: no request is left waiting for an answer that cannot come

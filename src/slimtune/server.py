@@ -332,6 +332,8 @@ class Metrics:
         self.loads = Gauge("slimtune_tuning_loads", "Tunings loaded from the store since the start (a counter)", registry=r)
         self.evictions = Gauge("slimtune_tuning_evictions", "Tunings evicted from the bank since the start (a counter)",
                                registry=r)
+        self.memory = Gauge("slimtune_tuning_bytes", "Bytes the resident tunings take beside the model: slot tables, the "
+                            "last batch layout's gathered parameters, values kept between calls", ["part"], registry=r)
         self._seen_steps = 0
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
@@ -351,6 +353,8 @@ class Metrics:
         self.steps.set(stats.steps)
         self.loads.set(stats.loads)
         self.evictions.set(stats.evictions)
+        for part, size in self.engine.memory().items():
+            self.memory.labels(part).set(size)
         return generate_latest(self.registry)
 
 
