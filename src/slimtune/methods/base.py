@@ -424,7 +424,8 @@ class SiteComponent(Component):
             tensors = table.tensors.get(name)
             if tensors is None:
                 continue
-            value = self.stacked_apply(name, [some], rows.params(name), source).to(output.dtype)
+            value = self.stacked_apply(name, [some], rows.params(name), source)
+            value = value if value.dtype == output.dtype else value.to(output.dtype)
             changed = (output if changed is None else changed) + value
         return changed
 

@@ -148,8 +148,9 @@ class LoRAComponent(SiteComponent):
 
     def stacked_apply(self, name: str, users: list[str], params: RowParams, x: torch.Tensor) -> torch.Tensor:
         (scale,) = params.numbers
-        down = params.matmul(self.tuning(users[0]).dropout(x), 0)  # [rows, ..., r]: the smallest place for the scale
-        return params.matmul(down * scale.view(-1, *[1] * (x.dim() - 1)), 1)
+        tuning = self.tuning(users[0])
+        down = params.matmul(tuning.dropout(x) if tuning.dropout.p else x, 0)  # [rows, ..., r]: the smallest place
+        return params.matmul(down * scale.view(-1, *[1] * (x.dim() - 1)), 1)  # for the scale
 
     def new_tuning(self, method: LoRA, sites: dict[str, tuple[int, int]]) -> LoRATuning:
         return LoRATuning(method, sites)

@@ -133,8 +133,11 @@ class RowParams:
 
     def matmul(self, x: torch.Tensor, i: int) -> torch.Tensor:
         w = self.tensors[i]
-        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(w.dtype)
-        return torch.bmm(flat, w.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
+        if x.dtype != w.dtype:
+            x = x.to(w.dtype)
+        if x.dim() == 3:  # [rows, tokens, in]: as bmm takes it (each op counts in a launch-bound step)
+            return torch.bmm(x, w.transpose(1, 2))
+        return torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), w.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
 
     def vector(self, i: int) -> torch.Tensor:
         return self.tensors[i]
