@@ -20,8 +20,8 @@ SITE_METHODS = {
 }
 
 
-def site_bank(users: dict) -> slimtune.Bank:
-    bank = slimtune.Bank(build("llama"))
+def site_bank(users: dict, serving: bool = False) -> slimtune.Bank:
+    bank = slimtune.Bank(build("llama"), serving=serving)
     for i, (user, method) in enumerate(users.items()):
         bank.add(user, method)
         perturb(bank.user_parameters(user), seed=i, scale=0.2)
@@ -37,21 +37,28 @@ def alone(bank, ids, mask, users):
                       for b, u in enumerate(users)])
 
 
-def test_memory_does_not_grow_with_the_batch_layouts_seen():
-    """Many different mixes of users cost nothing beyond the tables: no per-layout copies are kept."""
-    bank = site_bank(SITE_METHODS)
-    before = table_bytes(bank)
+@pytest.mark.parametrize("serving", [False, True])
+def test_memory_does_not_grow_with_the_batch_layouts_seen(serving):
+    """Many different mixes of users cost nothing beyond the tables (and, in a serving bank, the last layout's
+    gathered parameters): no per-layout copies pile up."""
+    bank = site_bank(SITE_METHODS, serving)
     g = torch.Generator().manual_seed(0)
     names = [*SITE_METHODS, None]
     ids, mask = padded_batch("llama", [5, 4, 5, 3, 5, 2])
+    seen = []
     with torch.no_grad():
         for _ in range(12):
             users = [names[i] for i in torch.randint(len(names), (6,), generator=g).tolist()]
             out = bank(input_ids=ids, attention_mask=mask, users=users).logits
             torch.testing.assert_close(out, alone(bank, ids, mask, users), atol=1e-5, rtol=1e-4)
-    assert table_bytes(bank) == before > 0
-    site_parts = [p for p in bank.parts.values() if p.kind in ("lora", "adapter", "bitfit", "ia3", "prefix")]
-    assert all(part._kept_bytes == 0 for part in site_parts)
+            seen.append(bank.memory())
+    assert len({m["tables"] for m in seen}) == 1 and seen[0]["tables"] > 0
+    per_slot = [sum(t.numel() * t.element_size() for ts in table.tensors.values() for t in ts) // (table.capacity + 1)
+                for part in bank.parts.values() for table in part.tables.values()]
+    assert all(m["layout"] <= 2 * 6 * sum(per_slot) for m in seen)  # the last layout's 6 rows (own rows, and all)
+    bounded = ("lora", "adapter", "bitfit", "ia3", "prefix") + (("dora",) if serving else ())
+    assert all(part._kept_bytes == 0 for part in bank.parts.values() if part.kind in bounded)
+    assert serving or all(m["layout"] == 0 for m in seen)
 
 
 def test_the_tables_hold_each_users_parameters_and_a_null_slot():
@@ -150,7 +157,7 @@ def test_a_serving_bank_keeps_one_layouts_gathered_parameters_and_follows_adds_a
                                        plain(input_ids=ids, attention_mask=mask, users=rows).logits, atol=1e-6, rtol=1e-5)
             assert table.kept_bytes > 0
         per_slot = sum(t.numel() * t.element_size() for ts in table.tensors.values() for t in ts) // (table.capacity + 1)
-        assert table.kept_bytes == 4 * per_slot  # the 4 rows of the last layout, not one copy per layout seen
+        assert table.kept_bytes == 2 * per_slot  # the last layout's 2 LoRA rows, not one copy per layout seen
         serving.remove("b")
         serving.add("b", (plain.method("a"), plain.state("a")))  # same slot, other values: nothing stale is used
         rows = ["b", "a", "c", None]

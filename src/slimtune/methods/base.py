@@ -417,16 +417,18 @@ class SiteComponent(Component):
         return hook
 
     def _from_tables(self, name: str, routing: Routing, source: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
-        """Every row's change computed from the slot tables: rows without a tuning here read slot 0, which changes
-        nothing, so the batch runs whole whatever its mix of users."""
+        """Every row's change computed from the slot tables, each table on its users' rows (all rows: no gather or
+        scatter of activations); a user without this site reads slot 0 there, which changes nothing."""
         changed = None
         for table, some, rows in self.slot_rows(routing, output.shape[0]):
             tensors = table.tensors.get(name)
             if tensors is None:
                 continue
-            value = self.stacked_apply(name, [some], rows.params(name), source)
+            own = source if rows.rows is None else source.index_select(0, rows.rows)  # the table's users' rows only
+            value = self.stacked_apply(name, [some], rows.params(name, own=True), own)
             value = value if value.dtype == output.dtype else value.to(output.dtype)
-            changed = (output if changed is None else changed) + value
+            base = output if changed is None else changed
+            changed = base + value if rows.rows is None else base.index_add(0, rows.rows, value)
         return changed
 
     def _stacked(self, name: str, routing: Routing, source: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import TuningError
-from ..routing import active
+from ..routing import Routing, active
 from .base import InitContext, site_key
 from .lora import LoRA, LoRAComponent, LoRATuning, weight_matrix
 
@@ -101,11 +101,29 @@ class DoRAComponent(LoRAComponent):
         """out + (g - 1) · (out - b), with each row's own g (1 on rows without a DoRA update at this layer)."""
         routing = active()
         batch = out.shape[0]
-        users, rows, which = routing.stacked(self, batch)
-        key = ("gain", name, tuple(users), routing.owners_key(self, batch))
-        gain = self.kept(key, users, lambda: self._row_gains(name, users, rows, which, batch), routing)
+        if routing.keep_layout and not torch.is_grad_enabled():
+            gain = self._slot_gains(name, routing, batch)
+        else:
+            users, rows, which = routing.stacked(self, batch)
+            key = ("gain", name, tuple(users), routing.owners_key(self, batch))
+            gain = self.kept(key, users, lambda: self._row_gains(name, users, rows, which, batch), routing)
         base = out if module.bias is None else out - module.bias
         return out + (gain - 1).view(batch, *[1] * (out.dim() - 2), -1).to(out.dtype) * base
+
+    def _slot_gains(self, name: str, routing: Routing, batch: int) -> torch.Tensor:
+        """Each row's gains from a table of every slot's gains, each computed once after its slot was written (a
+        serving bank's tunings change only by add and remove): no per-layout copies, nothing growing."""
+        weight = self._weight(name)
+        ones = torch.ones(weight.shape[0], device=weight.device, dtype=self.dtype)
+        present = [u for u, _ in routing.groups(self, batch) if not self.skips(u)]
+        gain = None
+        for table, _, rows in self.slot_rows(routing, batch):
+            users = [u for u in present if u in table.slots]
+            every = table.derive(("gain", name), users,
+                                 lambda u: self.tuning(u).gain(name, weight) if self.has_site(u, name) else ones, 1.0)
+            part = every.index_select(0, rows.index)
+            gain = part if gain is None else gain * part
+        return gain
 
     def _row_gains(self, name: str, users: list[str], rows: torch.Tensor, which: torch.Tensor, batch: int) -> torch.Tensor:
         weight = self._weight(name)

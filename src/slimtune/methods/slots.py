@@ -19,7 +19,7 @@ storage of their own again, so a slot can be reused without touching a tuning so
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -40,7 +40,8 @@ class SlotTable:
         self.values: torch.Tensor | None = None
         self.generation = 0  # changes whenever a slot is written: what was gathered from the tables is stale
         self.layout: tuple | None = None  # the batch layout whose gathered parameters are `kept`, by site
-        self.kept: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.kept: dict[tuple[str, bool], tuple[torch.Tensor, ...]] = {}
+        self.derived: dict[Hashable, tuple[torch.Tensor, set[int]]] = {}  # see `derive`
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +65,8 @@ class SlotTable:
         if not self.free:
             self.rebuild(max(4, 2 * self.capacity))
         slot = self.free.pop()
+        for _, done in self.derived.values():
+            done.discard(slot)
         self.slots[user] = slot
         self.links[user] = sites
         self.numbers[user] = numbers
@@ -85,6 +88,8 @@ class SlotTable:
         self._changed()
         slot = self.slots.pop(user)
         del self.numbers[user]
+        for _, done in self.derived.values():
+            done.discard(slot)
         with torch.no_grad():
             self.values[slot] = 0
             for params in self.links.pop(user).values():
@@ -103,15 +108,33 @@ class SlotTable:
         numbers = self.numbers
         self._changed()
         self.capacity = max(capacity or 0, self.capacity)
-        self.slots, self.links, self.tensors, self.numbers, self.values = {}, {}, {}, {}, None
+        self.slots, self.links, self.tensors, self.numbers, self.values, self.derived = {}, {}, {}, {}, None, {}
         self.free = list(range(self.capacity, 0, -1))
         for user, sites in links.items():
             self.add(user, sites, numbers[user])
 
+    def derive(self, key: Hashable, users: Iterable[str], compute: Callable[[str], torch.Tensor], null: float) -> torch.Tensor:
+        """A table `[capacity + 1, ...]` of values computed from the slots' tunings (DoRA's gains), `null` in slot 0:
+        each of `users`' slots is computed (`compute(user)`) once after it was written, not at every call. For a
+        bank whose tunings change only by add and remove."""
+        if key not in self.derived:
+            like = compute(next(iter(self.slots)))
+            table = torch.full((self.capacity + 1, *like.shape), null, dtype=like.dtype, device=like.device)
+            self.derived[key] = (table, set())
+        table, done = self.derived[key]
+        for user in users:
+            slot = self.slots[user]
+            if slot not in done:
+                table[slot] = compute(user)
+                done.add(slot)
+        return table
+
     def _writable(self) -> None:
         """Tables made in inference mode (an engine loading tunings) can be written only there: outside it, copy
         them into ordinary tensors first."""
-        if not torch.is_inference_mode_enabled() and self.values is not None and self.values.is_inference():
+        if torch.is_inference_mode_enabled() or self.values is None:
+            return
+        if self.values.is_inference() or any(t.is_inference() for ts in self.tensors.values() for t in ts):
             self.rebuild()
 
     def _new(self, like: torch.Tensor, null: float) -> torch.Tensor:
@@ -144,24 +167,29 @@ class RowParams:
 
 
 class SlotRows:
-    """One table's rows of a batch: `index` [batch] each row's slot, `numbers` each row's numbers."""
+    """One table's rows of a batch: `index` [batch] each row's slot (0: not one of the table's users); `rows` the
+    rows that are its users' (None: every row), and `own` their slots."""
 
     def __init__(self, table: SlotTable, index: list[int], device: torch.device, keep: bool):
         self.table = table
         self.index = torch.tensor(index, device=device)
-        self.numbers = tuple(table.values.index_select(0, self.index).unbind(1))
+        own = [i for i, slot in enumerate(index) if slot]
+        self.rows = None if len(own) == len(index) else torch.tensor(own, device=device)
+        self.own = self.index if self.rows is None else torch.tensor([index[i] for i in own], device=device)
         self.layout = (tuple(index), table.generation)
         self.keep = keep
 
-    def params(self, name: str) -> RowParams:
-        """The rows' parameters at one site, gathered from its tables. With `keep` (a bank whose tunings change only
-        through add and remove, as an engine's), what one batch layout gathered is kept for the next calls with
-        the same rows (decoding steps), in place of what the last layout kept: one layout's copy at most."""
-        table = self.table
+    def params(self, name: str, own: bool = False) -> RowParams:
+        """The parameters at one site of every row (`own`: of `rows` only), gathered from its tables. With `keep`
+        (a bank whose tunings change only through add and remove, as an engine's), what one batch layout gathered
+        is kept for the next calls with the same rows (decoding steps), in place of what the last layout kept:
+        one layout's copy at most."""
+        table, index = self.table, self.own if own else self.index
+        numbers = tuple(table.values.index_select(0, index).unbind(1))
         if not self.keep:
-            return RowParams([t.index_select(0, self.index) for t in table.tensors[name]], self.numbers)
+            return RowParams([t.index_select(0, index) for t in table.tensors[name]], numbers)
         if table.layout != self.layout:
             table.layout, table.kept = self.layout, {}
-        if name not in table.kept:
-            table.kept[name] = tuple(t.index_select(0, self.index) for t in table.tensors[name])
-        return RowParams(table.kept[name], self.numbers)
+        if (name, own) not in table.kept:
+            table.kept[name, own] = tuple(t.index_select(0, index) for t in table.tensors[name])
+        return RowParams(table.kept[name, own], numbers)
