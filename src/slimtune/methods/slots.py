@@ -62,8 +62,8 @@ class SlotTable:
         """Give `user` a slot, write their parameters at each site into it and make them views of it."""
         self._writable()
         self._changed()
-        if not self.free:
-            self.rebuild(max(4, 2 * self.capacity))
+        if not self.free:  # grow by a quarter: amortised copies, and at most a quarter of the slots idle
+            self.rebuild(self.capacity + max(4, self.capacity // 4))
         slot = self.free.pop()
         for _, done in self.derived.values():
             done.discard(slot)
@@ -178,6 +178,7 @@ class SlotRows:
         self.own = self.index if self.rows is None else torch.tensor([index[i] for i in own], device=device)
         self.layout = (tuple(index), table.generation)
         self.keep = keep
+        self._numbers: dict[bool, tuple[torch.Tensor, ...]] = {}
 
     def params(self, name: str, own: bool = False) -> RowParams:
         """The parameters at one site of every row (`own`: of `rows` only), gathered from its tables. With `keep`
@@ -185,7 +186,9 @@ class SlotRows:
         is kept for the next calls with the same rows (decoding steps), in place of what the last layout kept:
         one layout's copy at most."""
         table, index = self.table, self.own if own else self.index
-        numbers = tuple(table.values.index_select(0, index).unbind(1))
+        if own not in self._numbers:  # once per batch, not once per site
+            self._numbers[own] = tuple(table.values.index_select(0, index).unbind(1)) if table.values.shape[1] else ()
+        numbers = self._numbers[own]
         if not self.keep:
             return RowParams([t.index_select(0, index) for t in table.tensors[name]], numbers)
         if table.layout != self.layout:
