@@ -188,6 +188,27 @@ def test_a_cancelled_stream_frees_its_slot_and_close_finishes_what_is_in_flight(
     assert done.finish_reason == "stop" or len(done.token_ids) == 30
 
 
+def test_closing_the_engine_takes_its_hooks_off_the_shared_model():
+    model = build("llama")
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    before = hooks()
+    engine = Engine(model, vocab_tokenizer())
+    for user, method in methods_for("llama").items():
+        engine.add(user, method)
+    assert engine.generate("lora", prompt(2), max_new_tokens=3).token_ids
+    assert hooks() > before
+    engine.close()
+    assert hooks() == before
+    again = Engine(model, vocab_tokenizer())  # a second engine on the same model serves the base model as it is
+    base = again.generate(None, prompt(2), max_new_tokens=4).token_ids
+    again.close()
+    alone = model.generate(torch.tensor([prompt(2)]), max_new_tokens=4, do_sample=False, pad_token_id=1)
+    assert base == alone[0, len(prompt(2)):].tolist()
+
+
 def test_a_tuning_replaced_or_deleted_in_the_store_is_served_as_the_store_holds_it(tmp_path):
     model = build("gpt2")
     store = slimtune.Store(tmp_path / "store", model)

@@ -586,6 +586,7 @@ class Engine:
         self._inbox.put(("wake", None, None))
         if self._worker is not None:
             self._worker.join()
+        self.bank.detach()  # the model is the caller's: it leaves as it came, with none of the bank's hooks
 
     def __enter__(self) -> Engine:
         return self
