@@ -118,8 +118,10 @@ def tuning_bytes(bank: slimtune.Bank) -> int:
 
 
 def extra_bytes(bank: slimtune.Bank) -> int:
-    """What the methods hold beyond the users' parameters: slot tables and values kept between calls."""
-    return sum(getattr(part, "table_bytes", 0) + part._kept_bytes for part in bank.parts.values())
+    """What the methods hold beyond the parameters of tunings without a slot: slot tables, the last layout's
+    gathered parameters and values kept between calls (`Bank.memory`)."""
+    memory = bank.memory()
+    return memory["tables"] + memory["layout"] + memory["kept"]
 
 
 def top_level_ops(fn) -> int:

@@ -28,10 +28,6 @@ def site_bank(users: dict, serving: bool = False) -> slimtune.Bank:
     return bank
 
 
-def table_bytes(bank: slimtune.Bank) -> int:
-    return sum(getattr(part, "table_bytes", 0) for part in bank.parts.values())
-
-
 def alone(bank, ids, mask, users):
     return torch.cat([bank(input_ids=ids[b : b + 1], attention_mask=mask[b : b + 1], users=[u]).logits
                       for b, u in enumerate(users)])

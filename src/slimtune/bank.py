@@ -118,17 +118,18 @@ class Bank(nn.Module):
             yield from part.user_parameters(user)
 
     def memory(self) -> dict[str, int]:
-        """Bytes the bank holds beside the model: `tables`, the slot tables (every slot, free ones included) and
-        the tunings without a slot (prompts, task heads, prefixes made by their MLP); `layout`, the parameters
-        gathered for the last batch layout (a serving bank); `kept`, values computed from tunings and kept
-        between calls (DoRA's gains, a reparameterised prefix)."""
-        out = {"tables": 0, "layout": 0, "kept": 0}
+        """Bytes the bank holds beside the model: `tables`, the slot tables (every slot, free ones included);
+        `unslotted`, the tunings without a slot (prompts, task heads, prefixes made by their MLP); `layout`, the
+        parameters gathered for the last batch layout (a serving bank); `kept`, values computed from tunings and
+        kept between calls (DoRA's gains outside a serving bank, a reparameterised prefix)."""
+        out = {"tables": 0, "unslotted": 0, "layout": 0, "kept": 0}
         for part in self.parts.values():
             out["tables"] += sum(t.nbytes for t in part.tables.values())
             out["layout"] += sum(t.kept_bytes for t in part.tables.values())
             out["kept"] += part._kept_bytes
-            out["tables"] += sum(p.numel() * p.element_size() for user in part.methods if part.slot_group(user) is None
-                                 for p in part.user_parameters(user))
+            if len(part.methods) > sum(len(t.slots) for t in part.tables.values()):  # some tunings have no slot
+                out["unslotted"] += sum(p.numel() * p.element_size() for user in part.methods
+                                        if part.slot_group(user) is None for p in part.user_parameters(user))
         return out
 
     def state(self, user: str) -> dict[str, torch.Tensor]:

@@ -332,8 +332,9 @@ class Metrics:
         self.loads = Gauge("slimtune_tuning_loads", "Tunings loaded from the store since the start (a counter)", registry=r)
         self.evictions = Gauge("slimtune_tuning_evictions", "Tunings evicted from the bank since the start (a counter)",
                                registry=r)
-        self.memory = Gauge("slimtune_tuning_bytes", "Bytes the resident tunings take beside the model: slot tables, the "
-                            "last batch layout's gathered parameters, values kept between calls", ["part"], registry=r)
+        self.memory = Gauge("slimtune_tuning_bytes", "Bytes the resident tunings take beside the model (Bank.memory): "
+                            "slot tables, tunings without a slot, the last batch layout's gathered parameters, values "
+                            "kept between calls", ["part"], registry=r)
         self._seen_steps = 0
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:

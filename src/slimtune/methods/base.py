@@ -168,11 +168,6 @@ class Component(nn.Module):
             table.rebuild(links={user: self._links(user) for user in table.slots})
         return out
 
-    @property
-    def table_bytes(self) -> int:
-        """What the slot tables hold, and what they keep gathered for the current batch layout."""
-        return sum(table.nbytes + table.kept_bytes for table in self.tables.values())
-
     def _forget(self, user: str) -> None:
         self._param_lists.pop(user, None)
         self._drop_kept()

@@ -153,7 +153,7 @@ class SlotTable:
 
     def index(self, users: Iterable[str | None]) -> list[int]:
         """Each row's slot (0 for a row that is not one of this table's users)."""
-        return [self.slots.get(user, 0) if user is not None else 0 for user in users]
+        return [self.slots.get(user, 0) for user in users]
 
 
 class RowParams:
