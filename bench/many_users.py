@@ -15,7 +15,10 @@ In one process, on one model, with B rows each from a *different* user:
   the base model: its time, and its top-level `aten::` ops (`torch.profiler`), the CPU's stand-in for a GPU's
   kernel launches;
 - memory kept across batch layouts: 24 random mixes of B users served in turn, and the bytes the
-  methods hold beyond their users' parameters before and after.
+  methods hold beyond their users' parameters before and after;
+- the compiled decoding step (`Engine(compile=...)`, `--compile` names the backend): each method's
+  mixed batch against the compiled base model, the compiled base against the eager one, compile time,
+  graph breaks and top-level ops.
 
 Timings interleave the base model and the configuration (base, config, base, config, ...) and
 report the median of the per-pair ratios, so a machine whose load drifts still compares like with
@@ -124,15 +127,18 @@ def extra_bytes(bank: slimtune.Bank) -> int:
     return memory["tables"] + memory["layout"] + memory["kept"]
 
 
-def top_level_ops(fn) -> int:
-    """`aten::` ops that `fn()` calls directly (not those that other aten ops call)."""
+def top_level_ops(fn, kernels: bool = False) -> int:
+    """`aten::` ops that `fn()` calls directly (not those that other aten ops call); with `kernels`, the kernels
+    that inductor generated too (each a launch, as an aten op is)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     count = 0
     for event in prof.events():
-        if event.name.startswith("aten::"):
+        if kernels and event.name.startswith(("cpp_fused", "triton_")) and event.cpu_parent is not None:
+            count += 1
+        elif event.name.startswith("aten::"):
             parent = event.cpu_parent
             while parent is not None and not parent.name.startswith("aten::"):
                 parent = parent.cpu_parent
@@ -155,6 +161,30 @@ def decoder(bank: slimtune.Bank, users: list, ids: torch.Tensor, mask: torch.Ten
 
     step()
     return step
+
+
+def compiled_decoder(bank: slimtune.Bank, users: list, ids: torch.Tensor, mask: torch.Tensor, backend: str):
+    """As `decoder`, through the engine's compiled step (`serving.capture`) on the engine's KV cache; the first
+    step compiles. Returns (step, the CapturedStep)."""
+    from transformers import DynamicCache
+
+    from slimtune.serving.capture import CapturedStep
+    from slimtune.serving.kv import SlotCache
+
+    cache = DynamicCache()
+    logits, columns = bank.prefill(ids, mask, users, cache)
+    slots = SlotCache(cache, ids.shape[0])
+    captured = CapturedStep(bank, 0, backend)
+    state = {"logits": logits, "columns": columns}
+
+    def step():
+        seen = torch.cat([state["columns"], state["columns"].new_ones(ids.shape[0], 1)], dim=1)
+        slots.reserve(1)
+        state["logits"] = captured.step(state["logits"].argmax(-1, keepdim=True), seen, users, slots)
+        state["columns"] = seen
+
+    step()
+    return step, captured
 
 
 class Bench:
@@ -369,6 +399,31 @@ class Bench:
                             ops=ops, base_ops=base_ops, ops_ratio=round(ops / base_ops, 3))
                 bank.detach()
 
+    def compiled(self, rows: int) -> None:
+        """The compiled decoding step (`Engine(compile=...)`): each method's mixed batch against the base model
+        compiled the same way, and the base model's compiled step against its eager one; with compile time, graph
+        breaks and top-level ops (aten ops and generated kernels called directly)."""
+        backend = self.args.compile
+        ids, mask = self.batch(rows, seed=2)
+        with torch.inference_mode():
+            eager = decoder(slimtune.Bank(self.model), [None] * rows, ids, mask)
+            base, made = compiled_decoder(slimtune.Bank(self.model, serving=True), [None] * rows, ids, mask, backend)
+            base_ops = top_level_ops(base, kernels=True)
+            _, s, ratio = paired(eager, base, self.args.repeats * 4, self.device)
+            self.record("compiled step", f"base model compiled ({backend}) against eager", rows, rows, s, ratio,
+                        compile_seconds=round(made.compile_seconds, 1), graphs=made.compiles,
+                        graph_breaks=made.graph_breaks, ops=base_ops, eager_ops=top_level_ops(eager, kernels=True))
+            for method in self.args.methods:
+                bank, users = make_bank(self.model, rows, list(METHODS) if method == "mix" else [method])
+                step, made = compiled_decoder(bank, users, ids, mask, backend)
+                ops = top_level_ops(step, kernels=True)
+                _, s, ratio = paired(base, step, self.args.repeats * 4, self.device)
+                self.record("compiled step", f"slimtune {method}, mixed batch, compiled ({backend})", rows, rows, s,
+                            ratio, compile_seconds=round(made.compile_seconds, 1), graphs=made.compiles,
+                            graph_breaks=made.graph_breaks, ops=ops, base_ops=base_ops,
+                            ops_ratio=round(ops / base_ops, 3))
+                bank.detach()
+
     def layouts(self, rows: int) -> None:
         ids, mask = self.batch(rows, seed=3)
         g = torch.Generator().manual_seed(0)
@@ -425,7 +480,9 @@ def main() -> None:
     p.add_argument("--loop-rows", type=int, default=16, help="time the one-at-a-time loop up to this many rows")
     p.add_argument("--stored", type=int, nargs="+", default=[1, 16, 256, 1024])
     p.add_argument("--methods", nargs="+", default=[*METHODS, "mix"], choices=[*METHODS, "mix"])
-    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "generation", "peft", "scaling", "ops", "layouts"])
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["forward", "generation", "peft", "scaling", "ops", "layouts", "compiled"])
+    p.add_argument("--compile", default="inductor", help="torch.compile backend of the compiled section")
     p.add_argument("--out", default="bench/results/many_users.json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -454,6 +511,8 @@ def main() -> None:
             bench.ops(rows)
         if "layouts" not in args.skip:
             bench.layouts(rows)
+        if "compiled" not in args.skip:
+            bench.compiled(rows)
     if "scaling" not in args.skip:
         bench.scaling(args.rows[0])
     checks = bench.peft_correctness() if "peft" not in args.skip else {}

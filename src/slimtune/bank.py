@@ -191,7 +191,8 @@ class Bank(nn.Module):
 
     # --- running -----------------------------------------------------------------------------
 
-    def _routing(self, users: Sequence[str | None] | None, batch: int, device: torch.device) -> Routing:
+    def _routing(self, users: Sequence[str | None] | None, batch: int, device: torch.device,
+                 decoding: bool = False) -> Routing:
         if users is None or isinstance(users, str):
             raise TuningError("pass users=[...] with one user name (or None for the base model) per row of the batch")
         users = list(users)
@@ -202,7 +203,8 @@ class Bank(nn.Module):
                 self._check_known(user)
         if "full" in self.parts and None in users:
             raise TuningError("this bank's model is fully fine-tuned; it has no frozen base model for rows of user None")
-        owners = {u: tuple(self._parts_of(u)) for u in set(users) if u is not None}
+        owners = {u: tuple(p for p in self._parts_of(u) if not (decoding and p.lives_in_cache))
+                  for u in set(users) if u is not None}
         return Routing(users, owners, device, keep_layout=self.serving)
 
     def _start(self, routing: Routing) -> None:
@@ -299,20 +301,26 @@ class Bank(nn.Module):
                 cache: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Run left-padded prompts into `cache` (a transformers `Cache`, filled in place), row i
         under users[i]'s tuning. Returns (next-token logits [B, vocab], the attention mask over
-        the cache's columns, virtual prompt tokens included)."""
+        the cache's columns, virtual prompt tokens and prefixes included: a prefix is written into
+        the cache as the columns before its row's tokens, see `Component.into_cache`)."""
         routing = self._routing(users, input_ids.shape[0], input_ids.device)
         with routed(routing):
             self._start(routing)
             inputs, _, _ = self._inputs(routing, {"input_ids": input_ids, "attention_mask": attention_mask})
             out = self.model(**inputs, **self._cached(cache))
-        return out.logits[:, -1], inputs["attention_mask"]
+            mask = inputs["attention_mask"]
+            for part in self.parts.values():
+                if part.lives_in_cache:
+                    mask = part.into_cache(routing, cache, mask)
+        return out.logits[:, -1], mask
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, users: Sequence[str | None],
                cache: Any) -> torch.Tensor:
         """One decoding step: `input_ids` [B, 1] are each row's newest token, `attention_mask`
-        covers the cache's columns and this token. Returns next-token logits [B, vocab]."""
-        routing = self._routing(users, input_ids.shape[0], input_ids.device)
+        covers the cache's columns and this token. Returns next-token logits [B, vocab]. The cache
+        is one that `prefill` filled: what it wrote into the cache (prefixes) is not applied again."""
+        routing = self._routing(users, input_ids.shape[0], input_ids.device, decoding=True)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_positions:
             inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]

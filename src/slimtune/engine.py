@@ -45,6 +45,7 @@ from .data import Example, Task
 from .data.errors import DataError
 from .errors import RequestError, TuningError, UnknownUserError
 from .formats import Format
+from .serving.capture import CapturedStep
 from .serving.fairness import OUTPUT_WEIGHT, FairShare
 from .serving.kv import KEEP_IDLE_BYTES, SlotCache
 from .serving.residency import Residency
@@ -302,6 +303,10 @@ class EngineStats:
     loads: int = 0
     evictions: int = 0
     cache_relayouts: int = 0  # times the batch's KV cache was copied into new buffers (it grows like an array)
+    compiled_steps: int = 0  # decoding steps run by the compiled step (`compile=True`; the others ran eagerly)
+    compiles: int = 0  # graphs the compiled step made (one per batch shape and slot-table layout)
+    compile_seconds: float = 0.0  # time of the steps that made them
+    graph_breaks: int = 0  # in those graphs (0: each compiled step is one graph)
     memory: dict = field(default_factory=dict)  # Bank.memory() after the last step: the tunings' bytes, by part
 
 
@@ -311,10 +316,13 @@ class Engine:
     `store`: where tunings are loaded from by name (users may also be added directly with `add`).
     `max_resident`: how many tunings the bank holds at once (least recently used ones are evicted).
     `max_batch`: rows per decoding step and per scoring batch.
+    `compile`: run decoding steps through `torch.compile`, one graph per batch shape (`serving.capture`); on
+    CUDA as CUDA graphs. The first step of each shape takes the compile's time. True for inductor, or the name
+    of another `torch.compile` backend ("aot_eager" captures the graph without generating code).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, store: Store | None = None, *, max_resident: int = 64,
-                 max_batch: int = 32, max_length: int | None = None):
+                 max_batch: int = 32, max_length: int | None = None, compile: bool | str = False):
         if max_resident < 1 or max_batch < 1:
             raise TuningError("max_resident and max_batch must be at least 1")
         if isinstance(tokenizer, Store) or (store is not None and not isinstance(store, Store)):
@@ -334,6 +342,11 @@ class Engine:
         # A prompt of more characters than this cannot fit the context (no token is longer): refused before tokenising.
         self.max_prompt_chars = self.max_length * _longest_token(tokenizer)
         self.stats = EngineStats()
+        self._captured = None
+        if compile:
+            backend = "inductor" if compile is True else str(compile)
+            mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
+            self._captured = CapturedStep(self.bank, self.pad, backend, mode)
         self._tasks: dict[str, dict | None] = {}
         self._residency = Residency(self.bank, store, max_resident, self.stats, self._in_use,
                                     lambda user: self._tasks.pop(user, None))
@@ -818,8 +831,15 @@ class Engine:
         last = torch.tensor([[row.tokens[-1]] for row in self._running], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._running), 1)], dim=1)
         mark = self._cache.reserve(1)
+        users = [r.request.user for r in self._running]
         try:
-            logits = self.bank.decode(last, mask, [r.request.user for r in self._running], self._cache)
+            logits = None
+            if self._captured is not None:
+                logits = self._captured.step(last, mask, users, self._cache)
+            if logits is None:
+                logits = self.bank.decode(last, mask, users, self._cache)
+            else:
+                self._count_compiled()
         except Exception as err:
             self._cache.rewind(mark)
             self._drop_failing(err, mask)
@@ -828,6 +848,12 @@ class Engine:
         self.stats.steps += 1
         self.stats.batch_rows.append(len(self._running))
         self._advance(self._running, logits, first=0)
+
+    def _count_compiled(self) -> None:
+        self.stats.compiled_steps += 1
+        self.stats.compiles = self._captured.compiles
+        self.stats.compile_seconds = self._captured.compile_seconds
+        self.stats.graph_breaks = self._captured.graph_breaks
 
     def _drop_failing(self, err: Exception, mask: torch.Tensor) -> None:
         """A decoding step (over `mask`) failed: run each tuning's rows alone (on a copy of their cache) to find

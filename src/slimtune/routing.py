@@ -1,22 +1,25 @@
 """Which rows of the current batch belong to which user's tuning.
 
-A `Routing` is set around every call through a `Bank` (a `contextvars.ContextVar`, so threads and
-asyncio tasks serving different batches never see each other's routing). The hooks and the
-attention function that the methods install read it; without an active routing they do nothing,
-so the shared model called directly is always the frozen base model.
+A `Routing` is set around every call through a `Bank`, per thread (each call through a bank is
+synchronous, so asyncio tasks never interleave inside one; threads serving different batches
+never see each other's routing). The hooks and the attention function that the methods install
+read it; without an active routing they do nothing, so the shared model called directly is
+always the frozen base model. A thread-local rather than a `ContextVar`: `torch.compile` traces
+reads of a thread-local and cannot trace `ContextVar.get`, and a compiled decoding step must not
+break its graph at every hook.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
 
 import torch
 from torch import nn
 
-_ACTIVE: ContextVar[Routing | None] = ContextVar("slimtune_routing", default=None)
+_LOCAL = threading.local()  # .routing: the active Routing of this thread, if any
 
 # One group: a user and the batch rows that are theirs (None: every row of the batch).
 Group = tuple[str, torch.Tensor | None]
@@ -106,16 +109,17 @@ class Routing:
 
 
 def active() -> Routing | None:
-    return _ACTIVE.get()
+    return getattr(_LOCAL, "routing", None)
 
 
 @contextlib.contextmanager
-def routed(routing: Routing) -> Iterator[Routing]:
-    token = _ACTIVE.set(routing)
+def routed(routing: Routing | None) -> Iterator[Routing | None]:
+    outer = active()
+    _LOCAL.routing = routing
     try:
         yield routing
     finally:
-        _ACTIVE.reset(token)
+        _LOCAL.routing = outer
 
 
 def route(
@@ -155,14 +159,11 @@ def keep_routing_in_checkpoints(model: nn.Module) -> None:
 def _with_routing(checkpoint_fn: Callable) -> Callable:
     @functools.wraps(checkpoint_fn)
     def checkpointed(function: Callable, *args, **kwargs):
-        routing = _ACTIVE.get()
+        routing = active()
 
-        def run(*a, **k):
-            token = _ACTIVE.set(routing)
-            try:
+        def run(*a, **k):  # in backward, possibly on autograd's own thread
+            with routed(routing):
                 return function(*a, **k)
-            finally:
-                _ACTIVE.reset(token)
 
         return checkpoint_fn(run, *args, **kwargs)
 

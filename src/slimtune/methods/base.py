@@ -93,6 +93,8 @@ class InitContext:
 
 def slot_key(user: str) -> str:
     """A module-safe key for a user name (ModuleDict keys cannot contain dots)."""
+    if torch.compiler.is_compiling():  # the same key: torch.compile cannot trace bytes.hex
+        return "u_" + "".join(f"{b:02x}" for b in user.encode())
     return "u_" + user.encode().hex()
 
 
@@ -271,6 +273,16 @@ class Component(nn.Module):
 
     def prepare(self, routing: Routing) -> None:
         """Called once per batch before the model runs (e.g. compute a reparameterised prefix once)."""
+
+    # A method whose whole effect on later tokens is keys and values at the attention layers (prefix tuning) sets
+    # this and implements `into_cache`: an engine's decoding steps then run its rows as the base model's.
+    lives_in_cache: ClassVar[bool] = False
+
+    def into_cache(self, routing: Routing, cache: Any, mask: torch.Tensor) -> torch.Tensor:
+        """After a prefill of this batch into `cache` (a transformers cache; `mask` over its columns): write this
+        method's keys and values into the cache as columns, as if they were tokens just before each row's first
+        one, and return the mask over the widened cache."""
+        raise NotImplementedError
 
     def close(self) -> None:
         for handle in self._handles:

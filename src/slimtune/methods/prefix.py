@@ -368,6 +368,45 @@ class PrefixComponent(Component):
             routing.cache[key] = valid
         return p[:, 0], p[:, 1], routing.cache[key]
 
+    lives_in_cache = True
+
+    def into_cache(self, routing: Routing, cache: Any, mask: torch.Tensor) -> torch.Tensor:
+        """Each prefix row's prefix becomes cache columns just before its first token (its valid columns only, in
+        order), so decoding steps attend to it as to any cached token, with no prefix work per step. Positions
+        follow: the mask counts k columns before the row's tokens, as the prefix's positions 0..k-1 are. A window
+        counted in columns is then one counted in positions."""
+        batch = mask.shape[0]
+        prefixes = {}
+        for module in self.sites:
+            prefix = self.batch_prefix(module, routing, batch)
+            if prefix is None:  # no prefix row in this batch
+                return mask
+            index = getattr(module, "layer_idx", None)
+            if index is None or not 0 <= index < len(cache.layers):
+                raise TuningError(f"{type(module).__name__} has no cache layer index; prefix rows cannot be decoded "
+                                  "from the cache")
+            prefixes[index] = prefix
+        valid = next(iter(prefixes.values()))[2]  # [B, T]: the same for every layer
+        width, total = mask.shape[1], valid.shape[1]
+        k = valid.sum(1)
+        longest = int(k.max())
+        first = mask.long().argmax(1)  # each row's first column (left-padded rows)
+        c = torch.arange(longest + width, device=mask.device)[None]
+        start = (first + longest - k)[:, None]  # where the row's prefix begins in the widened cache
+        in_prefix = (c >= start) & (c < (first + longest)[:, None])
+        # Gather each new column from [the row's valid prefix columns in order | the old columns | a zero column].
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+        index = torch.where(in_prefix, c - start, torch.where(c >= longest, total + c - longest, total + width))
+        for i, (p_key, p_value, _) in prefixes.items():
+            layer = cache.layers[i]
+            for name, p in (("keys", p_key), ("values", p_value)):
+                old = getattr(layer, name)
+                b, h, _, d = old.shape
+                compact = p.to(old.dtype).gather(2, order[:, None, :, None].expand(b, h, total, d))
+                source = torch.cat([compact, old, old.new_zeros(b, h, 1, d)], dim=2)
+                setattr(layer, name, source.gather(2, index[:, None, :, None].expand(b, h, longest + width, d)))
+        return torch.cat([mask.new_zeros(batch, longest), mask], dim=1).masked_fill(in_prefix, 1)
+
     def _offset_positions(self, model, args, kwargs):
         """Real tokens follow the prefix: position_ids += k on each prefix row."""
         routing = active()

@@ -105,6 +105,10 @@ class PromptTuningParameters(nn.Module):
 
 class PromptComponent(Component):
     kind = "prompt"
+    lives_in_cache = True  # the virtual tokens are inputs of the prefill: their keys and values are in the cache
+
+    def into_cache(self, routing: Routing, cache, mask: torch.Tensor) -> torch.Tensor:
+        return mask
 
     @property
     def width(self) -> int:

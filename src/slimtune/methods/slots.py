@@ -181,14 +181,17 @@ class SlotRows:
     """One table's rows of a batch: `index` [batch] each row's slot (0: not one of the table's users); `rows` the
     rows that are its users' (None: every row), and `own` their slots."""
 
-    def __init__(self, table: SlotTable, index: list[int], device: torch.device, keep: bool):
+    def __init__(self, table: SlotTable, index: list[int], device: torch.device, keep: bool, every: bool = False):
         self.table = table
         self.index = torch.tensor(index, device=device)
         own = [i for i, slot in enumerate(index) if slot]
-        self.rows = None if len(own) == len(index) else torch.tensor(own, device=device)
+        self.rows = None if every or len(own) == len(index) else torch.tensor(own, device=device)
         self.own = self.index if self.rows is None else torch.tensor([index[i] for i in own], device=device)
         self.layout = (tuple(index), table.generation)
         self.keep = keep
+        # `every` (a captured decoding step's rows, `serving.capture`): all rows, whatever their slot, and `index`
+        # is rewritten in place before each step; nothing is stored while the step runs.
+        self.every = every
         self._numbers: dict[bool, tuple[torch.Tensor, ...]] = {}
 
     def params(self, name: str, own: bool = False) -> RowParams:
@@ -197,6 +200,9 @@ class SlotRows:
         is kept for the next calls with the same rows (decoding steps), in place of what the last layout kept:
         one layout's copy at most."""
         table, index = self.table, self.own if own else self.index
+        if self.every:
+            numbers = tuple(table.values.index_select(0, index).unbind(1)) if table.values.shape[1] else ()
+            return RowParams([t.index_select(0, index) for t in table.tensors[name]], numbers)
         if own not in self._numbers:  # once per batch, not once per site
             self._numbers[own] = tuple(table.values.index_select(0, index).unbind(1)) if table.values.shape[1] else ()
         numbers = self._numbers[own]

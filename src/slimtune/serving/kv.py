@@ -96,8 +96,16 @@ class SlotCache(Cache):
         for layer, source in zip(self.layers, fresh.layers, strict=True):
             layer.k_buf[self.rows:self.rows + new, :, first:self.end] = source.keys
             layer.v_buf[self.rows:self.rows + new, :, first:self.end] = source.values
+            # A captured step (`serving.capture`) runs every slot, free ones too, writing their columns.
+            layer.k_buf[self.rows:self.rows + new, :, :first].zero_()
+            layer.v_buf[self.rows:self.rows + new, :, :first].zero_()
         self.rows += new
         self.start = min(self.start, first) if self.rows > new else first
+        self._view()
+
+    def wrote(self, columns: int = 1) -> None:
+        """A step wrote `columns` new columns into every layer's buffers after the window (`serving.capture`)."""
+        self.end += columns
         self._view()
 
     def reserve(self, columns: int) -> int:
@@ -148,6 +156,7 @@ class SlotCache(Cache):
         and at least `room` free columns on its right."""
         slots = min(self.max_rows, max(rows, 2 * self.capacity[0], MIN_SLOTS))
         columns = left + self.width + max(room, GROW_COLUMNS, left + self.width)
+        columns = -(-columns // GROW_COLUMNS) * GROW_COLUMNS  # few distinct sizes: a compiled step makes a graph per size
         for layer, source in zip(self.layers, self._shapes(), strict=True):
             heads, dim, dtype, device = source
             k = torch.zeros(slots, heads, columns, dim, dtype=dtype, device=device)
