@@ -41,6 +41,26 @@ DEFAULT_ADAPTER_SITES: list[tuple[str, str]] = [
     (r".*\.self_attn\.out_proj", r".*\.fc2"),  # BART, OPT
 ]
 
+# The dropout each architecture applies to an adapter site's output (the residual dropout), by the site's name:
+# Houlsby's adapter reads the dropped-out projection, as in his reference code. Where none is named (Llama has no
+# residual dropout; BART's is a function call), the adapter reads the linear layer's output.
+RESIDUAL_DROPOUTS: list[tuple[str, str]] = [
+    (r"(.*\.attn)\.c_proj", r"\1.resid_dropout"),  # GPT-2
+    (r"(.*\.mlp)\.c_proj", r"\1.dropout"),  # GPT-2
+    (r"(.*\.output)\.dense", r"\1.dropout"),  # BERT family
+    (r"(.*\.layer\.\d+)\.(?:SelfAttention\.o|EncDecAttention\.o|DenseReluDense\.wo)", r"\1.dropout"),  # T5
+]
+
+# Where a feed-forward block's output joins the residual stream, by the name of its output layer: on a post-LN
+# layer the LayerNorm of (residual + output) ("norm"), on a pre-LN one the module whose output is that sum
+# ("stream"). Pfeiffer's adapter reads there.
+FFN_RESIDUALS: list[tuple[str, str, str]] = [
+    (r"(.*\.h\.\d+)\.mlp\.c_proj", "stream", r"\1"),  # GPT-2: the block's output
+    (r"(.*\.layers\.\d+)\.mlp\.down_proj", "stream", r"\1"),  # Llama family (Gemma: after its post-FFN norm)
+    (r"(.*\.layer\.\d+\.output)\.dense", "norm", r"\1.LayerNorm"),  # BERT family
+    (r"(.*\.layer\.\d+)\.DenseReluDense\.wo", "stream", r"\1"),  # T5: T5LayerFF's output
+]
+
 # Task heads that `AutoModelFor...` creates new (randomly initialised) on top of a pretrained body.
 HEAD_NAMES = ("classifier", "score", "qa_outputs")
 HEAD_CLASS_SUFFIXES = (
@@ -164,6 +184,30 @@ def explicit_names(model: nn.Module, names: Sequence[str], what: str) -> tuple[s
             f"selects {extra[0]!r}; a list of names selects each name and every module whose name ends with it"
         )
     return out
+
+
+def residual_dropout(model: nn.Module, name: str) -> str:
+    """The name of the dropout module applied to the output of layer `name` before its residual add (see
+    `RESIDUAL_DROPOUTS`), or `name` itself where there is none."""
+    found = dict(model.named_modules())
+    for pattern, target in RESIDUAL_DROPOUTS:
+        dropout = re2.fullmatch(pattern, name) and re2.sub(pattern, target, name)
+        if dropout and isinstance(found.get(dropout), nn.Dropout):
+            return dropout
+    return name
+
+
+def ffn_residual(model: nn.Module, name: str) -> tuple[str, bool] | None:
+    """Where the output of feed-forward output layer `name` joins the residual stream (see `FFN_RESIDUALS`):
+    (module name, True) for the LayerNorm of a post-LN layer, (module name, False) for the module whose output is
+    the residual sum on a pre-LN one; None where this is not known."""
+    found = dict(model.named_modules())
+    for pattern, kind, target in FFN_RESIDUALS:
+        if re2.fullmatch(pattern, name):
+            module = re2.sub(pattern, target, name)
+            if module in found and (kind == "stream" or "norm" in type(found[module]).__name__.lower()):
+                return module, kind == "norm"
+    return None
 
 
 def first_matching(model: nn.Module, candidates: Sequence, finder) -> tuple:

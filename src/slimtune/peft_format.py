@@ -38,7 +38,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from . import modules, storage
+from . import adapterhub_format, modules, storage
 from .errors import ModelMismatchError, TuningError, TuningFileError
 from .methods import IA3, DoRA, LoRA, Method, PrefixTuning, PromptTuning
 from .methods.ia3 import ia3_sites
@@ -90,9 +90,12 @@ def is_peft_folder(path: str | os.PathLike) -> bool:
 # --- reading -----------------------------------------------------------------------------------
 
 def read(path: str | os.PathLike, model: nn.Module) -> tuple[Method, dict[str, torch.Tensor]]:
-    """A PEFT folder's tuning as slimtune's method config and saved-form tensors, checked to fit `model`."""
+    """A PEFT folder's tuning as slimtune's method config and saved-form tensors, checked to fit `model`; an
+    AdapterHub folder (the same adapter_config.json, written by `adapters`) is read by `adapterhub_format`."""
     folder = Path(path)
     config = _read_config(folder)
+    if adapterhub_format.is_adapterhub_config(config):  # AdapterHub writes the same file name
+        return adapterhub_format.read(folder, config, model)
     peft_type = config.get("peft_type")
     readers = {"LORA": _read_lora, "IA3": _read_ia3, "PROMPT_TUNING": _read_prompt, "PREFIX_TUNING": _read_prefix}
     if peft_type not in readers:

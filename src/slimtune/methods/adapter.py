@@ -1,12 +1,22 @@
-"""Adapter tuning (Houlsby et al., 2019): a bottleneck module inside every frozen layer.
+"""Adapter tuning (Houlsby et al., 2019; Pfeiffer et al., 2021): a bottleneck module inside every frozen layer.
 
-    Adapter(h) = h + W_up · σ(W_down · h),     W_down: d -> r,  W_up: r -> d,  W_up = 0 at the start
+    A(x) = W_up · σ(W_down · x),     W_down: d -> r,  W_up: r -> d,  W_up = 0 at the start
 
-applied to the output of the attention block and of the feed-forward block (`"houlsby"`), or of
-the feed-forward block only (`"pfeiffer"`), before the residual connection and layer norm. With
-W_up = 0 the adapted model starts identical to the frozen one. The sites are found by module
-name (see `modules.DEFAULT_ADAPTER_SITES`), or given as regular expressions or lists of module
-names (see `modules.matcher`).
+Three placements, with h a sub-layer's dropped-out output projection, r the residual it is added to and
+LN the layer's own LayerNorm (on a pre-LN layer, where the sum is normalised later, LN is the identity):
+
+- `"houlsby"` (the default, Houlsby's adapter): after the attention block and after the feed-forward block,
+  `LN(h + A(h) + r)`. As in Houlsby's reference code (google-research/adapter-bert) and AdapterHub, the
+  adapter reads the projection after its dropout: `h = drop(W_o · x)`.
+- `"pfeiffer"` (Pfeiffer's adapter, AdapterHub's `SeqBnConfig`): after the feed-forward block only, reading
+  the sub-layer's add-and-LayerNorm and adding back before it: `z = LN(h + r)`, `LN(h + r + A(z))`. On a
+  pre-LN layer (GPT-2, Llama, Gemma, T5) that is the residual stream after the block, `s = h + r`: `s + A(s)`.
+- `"houlsby-ffn"`: Houlsby's adapter after the feed-forward block only, `LN(h + A(h) + r)`.
+
+With W_up = 0 the adapted model starts identical to the frozen one. The sites are found by module name
+(see `modules.DEFAULT_ADAPTER_SITES`), or given as regular expressions or lists of module names (see
+`modules.matcher`) of the blocks' output layers; where a placement reads is found from those names
+(`modules.residual_dropout`, `modules.ffn_residual`).
 """
 
 from __future__ import annotations
@@ -28,12 +38,16 @@ from .slots import RowParams
 if TYPE_CHECKING:
     from ..data import Task
 
+PLACEMENTS = ("houlsby", "pfeiffer", "houlsby-ffn")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
+ACTIVATION_FUNCTIONS = {name: cls() for name, cls in ACTIVATIONS.items()}  # stateless: one of each serves every site
 
 
 @dataclass(frozen=True)
 class Adapter(Method):
-    """Bottleneck adapters of width `size` after attention and feed-forward (houlsby) or feed-forward only (pfeiffer)."""
+    """Bottleneck adapters of width `size`: Houlsby's after attention and feed-forward (`"houlsby"`), Pfeiffer's
+    after the feed-forward block's add-and-LayerNorm (`"pfeiffer"`), or Houlsby's after feed-forward only
+    (`"houlsby-ffn"`)."""
 
     kind = "adapter"
     default_lr = 1e-3
@@ -48,8 +62,8 @@ class Adapter(Method):
     def __post_init__(self):
         if self.size < 1:
             raise TuningError(f"Adapter size must be at least 1, got {self.size}")
-        if self.placement not in ("houlsby", "pfeiffer"):
-            raise TuningError(f"Adapter placement must be 'houlsby' or 'pfeiffer', got {self.placement!r}")
+        if self.placement not in PLACEMENTS:
+            raise TuningError(f"Adapter placement must be one of {', '.join(map(repr, PLACEMENTS))}, got {self.placement!r}")
         if self.activation not in ACTIVATIONS:
             raise TuningError(f"Adapter activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         for field in ("attention_output", "ffn_output"):
@@ -58,7 +72,7 @@ class Adapter(Method):
     @classmethod
     def cli_options(cls, options: Any) -> None:
         options.add_argument("--size", type=int, default=64, help="bottleneck width")
-        options.add_argument("--placement", default="houlsby", choices=["houlsby", "pfeiffer"])
+        options.add_argument("--placement", default="houlsby", choices=list(PLACEMENTS))
         options.add_argument("--activation", default="relu", help="|".join(ACTIVATIONS))
 
     @classmethod
@@ -67,7 +81,7 @@ class Adapter(Method):
 
     def resolve(self, model: nn.Module) -> Adapter:
         """This Adapter with its sites as the full names of the layers they select (the default sites if
-        None); a pfeiffer adapter's attention_output, which it does not use, becomes None."""
+        None); the attention_output of an adapter after feed-forward only, which it does not use, becomes None."""
         found = adapter_layers(model, self)
         names = {field: modules.explicit_names(model, [n for n, _ in layers], f"Adapter {field}")
                  for field, layers in found.items()}
@@ -100,10 +114,38 @@ def adapter_layers(model: nn.Module, method: Adapter) -> dict[str, list[tuple[st
     return out
 
 
-def adapter_sites(model: nn.Module, method: Adapter) -> dict[str, int]:
-    """{full name: width} of the layers `method` puts an adapter after, in the model's order."""
+@dataclass(frozen=True)
+class Site:
+    """Where one adapter sits: its `width`, the module whose output it reads (`reads`), and whether that
+    module is a post-LN layer's LayerNorm, rerun on its input plus the adapter's output (`renorm`)."""
+
+    width: int
+    reads: str
+    renorm: bool = False
+
+
+def adapter_sites(model: nn.Module, method: Adapter) -> dict[str, Site]:
+    """{site name: Site} of the adapters `method` puts on `model`, in the model's order. A Houlsby adapter's
+    site is named by the linear layer it follows; a Pfeiffer adapter's by the module it reads (the LayerNorm
+    or the layer whose output is the residual sum)."""
     found = {name: m for layers in adapter_layers(model, method).values() for name, m in layers}
-    return {name: modules.linear_features(m)[1] for name, m in model.named_modules() if name in found}
+    out = {}
+    for name, module in model.named_modules():
+        if name not in found:
+            continue
+        width = modules.linear_features(module)[1]
+        if method.placement != "pfeiffer":
+            out[name] = Site(width, modules.residual_dropout(model, name))
+            continue
+        where = modules.ffn_residual(model, name)
+        if where is None:
+            raise TuningError(
+                f"Adapter placement 'pfeiffer' does not know where the feed-forward output {name!r} of "
+                f"{type(model).__name__} joins the residual stream (and its LayerNorm); use placement 'houlsby-ffn' "
+                "(the adapter on that layer's output)"
+            )
+        out[where[0]] = Site(width, where[0], renorm=where[1])
+    return out
 
 
 class Bottleneck(nn.Module):
@@ -118,17 +160,43 @@ class Bottleneck(nn.Module):
 
 
 class AdapterTuning(nn.Module):
-    def __init__(self, method: Adapter, sites: dict[str, int]):
+    def __init__(self, method: Adapter, sites: dict[str, Site]):
         super().__init__()
         self.names = list(sites)
-        self.blocks = nn.ModuleDict({site_key(n): Bottleneck(w, method.size, method.activation) for n, w in sites.items()})
+        self.sites = sites
+        self.blocks = nn.ModuleDict({site_key(n): Bottleneck(s.width, method.size, method.activation)
+                                     for n, s in sites.items()})
 
     def delta(self, name: str, h: torch.Tensor) -> torch.Tensor:
         return self.blocks[site_key(name)](h)
 
 
 class AdapterComponent(SiteComponent):
+    """The adapters of many users. A site's hook is on the module its adapter reads (`Site.reads`), and hands
+    the shared site hook that module's output as the source (hence `from_input`): added to it, or, on a
+    post-LN LayerNorm, added to its input and normalised again."""
+
     kind = "adapter"
+    from_input = True
+
+    def install(self, tuning: AdapterTuning) -> None:
+        found = dict(self.model.named_modules())
+        for name, site in tuning.sites.items():
+            if name not in self.hooked:
+                self._handles.append(found[site.reads].register_forward_hook(self._reading_hook(name, site.renorm)))
+                self.hooked.add(name)
+
+    def _reading_hook(self, name: str, renorm: bool):
+        change = self._forward_hook(name)
+        if not renorm:
+            return lambda module, args, output: change(module, (output,), output)
+
+        def hook(module, args, output):
+            # the adapter's output alone: the shared hook adds it to zeros, so every row not of an adapter gets 0
+            value = change(module, (output,), torch.zeros_like(output))
+            return None if value is None else module.forward(args[0] + value)
+
+        return hook
 
     def site_value(self, user: str, name: str, h: torch.Tensor) -> torch.Tensor:
         return self.tuning(user).delta(name, h)
@@ -144,7 +212,7 @@ class AdapterComponent(SiteComponent):
         return block.down.weight, block.down.bias, block.up.weight, block.up.bias  # [r, d], [r], [d, r], [d]
 
     def stacked_apply(self, name: str, users: list[str], params: RowParams, h: torch.Tensor) -> torch.Tensor:
-        act = self.tuning(users[0]).blocks[site_key(name)].act
+        act = ACTIVATION_FUNCTIONS[self.methods[users[0]].activation]  # the group's: users[0] may lack this site
         shape = (h.shape[0], *[1] * (h.dim() - 2), -1)  # a row's vector, to add to each of its positions
         mid = act(params.matmul(h, 0) + params.vector(1).view(shape))
         return params.matmul(mid, 2) + params.vector(3).view(shape)
@@ -161,11 +229,20 @@ class AdapterComponent(SiteComponent):
     def from_state(self, method: Adapter, state: dict[str, torch.Tensor]) -> nn.Module:
         sites = adapter_sites(self.model, method)
         expected = {}
-        for name, width in sites.items():
+        for name, site in sites.items():
+            width = site.width
             expected.update({
                 f"{name}.adapter.down.weight": (method.size, width), f"{name}.adapter.down.bias": (method.size,),
                 f"{name}.adapter.up.weight": (width, method.size), f"{name}.adapter.up.bias": (width,),
             })
+        before = dataclasses.replace(method, placement="houlsby-ffn")  # what "pfeiffer" meant before
+        if method.placement == "pfeiffer" and set(state) - set(expected) and all(
+                f"{n}.adapter.up.bias" in state for n in adapter_sites(self.model, before)):
+            raise TuningError(
+                "this adapter was saved when placement 'pfeiffer' meant Houlsby's adapter after the feed-forward block, "
+                "which is now placement 'houlsby-ffn': add it as bank.add(user, (dataclasses.replace(method, "
+                "placement='houlsby-ffn'), state)) with `method, state = slimtune.bank.read_tuning(folder, model)`"
+            )
         expect_shapes(state, expected, "Adapter")
         tuning = AdapterTuning(method, sites)
         tuning.blocks.load_state_dict(

@@ -1,0 +1,174 @@
+"""Make the AdapterHub fixtures: adapter folders saved by the real `adapters` package, and its outputs.
+
+`adapters` 1.3 needs transformers 4.57, so this runs in an environment of its own, never beside slimtune:
+
+    python3 -m venv /tmp/ah && /tmp/ah/bin/pip install torch==2.13.0 && /tmp/ah/bin/pip install adapters==1.3.0
+    /tmp/ah/bin/python tests/make_adapterhub_fixtures.py          # rewrites tests/fixtures/adapterhub/
+
+For each tiny random model (a BERT masked LM, a 3-label BERT classifier, GPT-2, Llama) it adds adapters of the
+kinds slimtune reads, with every weight random, saves each folder as AdapterHub does and records the model's
+outputs in eval mode (and one in training mode, dropout on) on a padded batch in `reference.safetensors`.
+
+The base weights are not stored: `base_model` below fills every parameter from a generator seeded by its name,
+so slimtune's tests rebuild exactly the same model under transformers 5 (importing this file does not import
+`adapters`), and check the base model's outputs first.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent / "fixtures" / "adapterhub"
+VOCAB = 96
+LENGTHS = [10, 7, 4, 1]  # a batch of 4 x 10
+TRAIN_SEED = 1234  # the dropout masks of the training-mode reference
+
+MODELS = {
+    "bert-mlm": ("BertConfig", "BertForMaskedLM", dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=32, pad_token_id=0, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)),
+    "bert-cls": ("BertConfig", "BertForSequenceClassification", dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=32, pad_token_id=0, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
+        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)),
+}
+DECODERS = ("gpt2", "llama")
+
+
+def fill(named, scale_2d: float = 1.0) -> None:
+    """Every tensor of `named` ((name, parameter) pairs) from a generator seeded by its name: the same values in
+    any environment, whatever order the parameters come in."""
+    with torch.no_grad():
+        for name, p in named:
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if p.dim() >= 2:
+                p.copy_(noise * scale_2d / p.shape[-1] ** 0.5)
+            elif "norm" in name.lower() or name.split(".")[-2].startswith("ln"):
+                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def base_model(kind: str):
+    """The tiny model `kind` of `MODELS` with its fixed weights, in eval mode, eager attention."""
+    import transformers
+
+    config_class, model_class, settings = MODELS[kind]
+    config = getattr(transformers, config_class)(**settings)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, model_class)(config)
+    fill(model.named_parameters())
+    return model.eval()
+
+
+def batch(kind: str) -> dict[str, torch.Tensor]:
+    """4 rows of real lengths 10, 7, 4, 1: padded on the right for BERT, on the left (with the position ids that
+    follow the mask) for the decoders."""
+    g = torch.Generator().manual_seed(7)
+    width = max(LENGTHS)
+    ids = torch.full((len(LENGTHS), width), 1 if kind in DECODERS else 0)
+    mask = torch.zeros(len(LENGTHS), width, dtype=torch.long)
+    for b, n in enumerate(LENGTHS):
+        cols = slice(width - n, width) if kind in DECODERS else slice(0, n)
+        ids[b, cols] = torch.randint(2, VOCAB, (n,), generator=g)
+        mask[b, cols] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if kind in DECODERS:
+        out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return out
+
+
+def outputs(model, inputs) -> dict[str, torch.Tensor]:
+    """The last hidden state, and a classifier's logits (a language model's follow from the hidden state)."""
+    out = model(**inputs, output_hidden_states=True)
+    kept = {"hidden": out.hidden_states[-1]}
+    if out.logits.dim() == 2:
+        kept["logits"] = out.logits
+    return {k: v.detach().contiguous() for k, v in kept.items()}
+
+
+def adapter_configs():
+    """{folder: (model kind, config, save as safetensors)}: the kinds slimtune reads."""
+    from adapters import BnConfig, DoubleSeqBnConfig, LoRAConfig, PrefixTuningConfig, SeqBnConfig
+
+    return {
+        "bert-mlm/houlsby": ("bert-mlm", DoubleSeqBnConfig(reduction_factor=8, non_linearity="relu"), True),
+        "bert-mlm/houlsby-gelu": ("bert-mlm", DoubleSeqBnConfig(reduction_factor=8, non_linearity="gelu"), False),
+        "bert-mlm/houlsby-string": ("bert-mlm", "houlsby", False),  # swish, reduction factor 16
+        "bert-mlm/pfeiffer": ("bert-mlm", SeqBnConfig(), True),  # relu, reduction factor 16
+        "bert-mlm/pfeiffer-string": ("bert-mlm", "pfeiffer", False),
+        "bert-mlm/ffn-houlsby": ("bert-mlm", BnConfig(mh_adapter=False, output_adapter=True, reduction_factor=4,
+                                                      non_linearity="tanh", scaling=0.5), True),
+        "bert-mlm/pfeiffer-leave-out": ("bert-mlm", SeqBnConfig(reduction_factor=8, leave_out=[0]), True),
+        "bert-mlm/lora": ("bert-mlm", LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"], intermediate_lora=True,
+                                                 output_lora=True), True),
+        "bert-cls/pfeiffer": ("bert-cls", SeqBnConfig(reduction_factor=8), True),
+        "bert-cls/houlsby": ("bert-cls", DoubleSeqBnConfig(reduction_factor=8, non_linearity="relu"), False),
+        "gpt2/pfeiffer": ("gpt2", SeqBnConfig(reduction_factor=4), True),
+        "gpt2/houlsby": ("gpt2", DoubleSeqBnConfig(reduction_factor=4, non_linearity="relu"), True),
+        "llama/pfeiffer": ("llama", SeqBnConfig(reduction_factor=4), True),
+        "llama/houlsby": ("llama", DoubleSeqBnConfig(reduction_factor=4, non_linearity="swish"), True),
+        "llama/lora": ("llama", LoRAConfig(r=4, alpha=16), True),
+        "bert-mlm/prefix": ("bert-mlm", PrefixTuningConfig(prefix_length=5, bottleneck_size=16), False),
+    }
+
+
+def main() -> None:
+    import adapters
+    import transformers
+
+    if HERE.exists():
+        shutil.rmtree(HERE)
+    HERE.mkdir(parents=True)
+    references: dict[str, torch.Tensor] = {}
+    for kind in MODELS:
+        model = base_model(kind)
+        inputs = batch(kind)
+        references.update({f"{kind}.inputs.{k}": v for k, v in inputs.items()})
+        with torch.no_grad():
+            references.update({f"{kind}.base.{k}": v for k, v in outputs(model, inputs).items()})
+    for folder, (kind, config, safetensors) in adapter_configs().items():
+        model = base_model(kind)
+        adapters.init(model)
+        model.add_adapter("ah", config=config)
+        model.set_active_adapters("ah")
+        fill([(n, p) for n, p in model.named_parameters() if ".ah." in n or n.endswith(".ah")], scale_2d=0.5)
+        if kind == "bert-cls":  # a trained head: not the base model's
+            fill([(n + ".trained", p) for n, p in model.classifier.named_parameters()])
+        model.eval()
+        inputs = batch(kind)
+        with torch.no_grad():
+            references.update({f"{folder}.{k}": v for k, v in outputs(model, inputs).items()})
+        moved = (references[f"{folder}.hidden"] - references[f"{kind}.base.hidden"]).abs().max()
+        assert moved > 1e-2, f"{folder}: the adapter changes nothing ({moved})"
+        if folder == "bert-mlm/houlsby":  # dropout on (hidden_dropout_prob 0.1): the adapter reads drop(h)
+            model.train()
+            torch.manual_seed(TRAIN_SEED)
+            with torch.no_grad():
+                references[f"{folder}.train.hidden"] = outputs(model, inputs)["hidden"]
+        (HERE / folder).mkdir(parents=True)
+        model.save_adapter(str(HERE / folder), "ah", with_head=kind == "bert-cls", use_safetensors=safetensors)
+    from safetensors.torch import save_file
+
+    save_file(references, str(HERE / "reference.safetensors"))
+    (HERE / "versions.json").write_text(json.dumps(
+        {"adapters": adapters.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        indent=1) + "\n")
+    total = sum(f.stat().st_size for f in HERE.rglob("*") if f.is_file())
+    print(f"wrote {HERE} ({total} bytes)")
+
+
+if __name__ == "__main__":
+    main()
