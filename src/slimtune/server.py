@@ -8,7 +8,8 @@ Endpoints (all but `/health` need `Authorization: Bearer <key>`):
     POST   /v1/classify             {model, inputs} -> label probabilities, for classification tunings
     POST   /v1/tunings              upload a saved tuning: multipart form, field `name`, the tuning's files as
                                     `files` (slimtune.json + tuning.safetensors, or an HF PEFT folder's
-                                    adapter_config.json + adapter_model.safetensors), optional `replace=true`
+                                    adapter_config.json + adapter_model.safetensors, or an AdapterHub
+                                    folder's files), optional `replace=true`
                                     and `task` (JSON object: labels, label_words, template)
     GET    /v1/tunings[/{name}]     the caller's tunings;  DELETE /v1/tunings/{name}
     POST   /v1/keys, GET /v1/keys, DELETE /v1/keys/{id}     admin key only
@@ -55,7 +56,7 @@ from prometheus_client import Counter as PromCounter
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import storage
+from . import adapterhub_format, storage
 from .engine import MAX_INPUTS, Completion, Engine, EngineClosedError, GenerationRequest, RequestError
 from .errors import ModelMismatchError, TuningError, UnknownUserError
 from .keys import ADMIN, Caller, KeyConfigError, KeyRing
@@ -72,7 +73,9 @@ MAX_TUNINGS_PER_KEY = 100
 MAX_BYTES_PER_KEY = 2 * 2**30  # of tensors stored, over all of a key's tunings
 MAX_REQUESTS_PER_KEY = 64  # generations (each prompt one) and classifications of one key in flight at once
 UPLOADS_AT_ONCE = 2  # an upload costs a few times its size in memory while it is checked
-TUNING_FILES = {"slimtune.json", "tuning.safetensors", "adapter_config.json", "adapter_model.safetensors"}
+# slimtune's own, PEFT's, and AdapterHub's (its adapter and, if saved with one, its head)
+TUNING_FILES = {"slimtune.json", "tuning.safetensors", "adapter_config.json", "adapter_model.safetensors",
+                *adapterhub_format.FILES}
 TUNING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # leaves room for the owner's id in the store's 128
 
 
@@ -335,6 +338,10 @@ class Metrics:
         self.memory = Gauge("slimtune_tuning_bytes", "Bytes the resident tunings take beside the model (Bank.memory): "
                             "slot tables, tunings without a slot, the last batch layout's gathered parameters, values "
                             "kept between calls", ["part"], registry=r)
+        self.compiled_steps = Gauge("slimtune_compiled_steps", "Decoding steps run by the compiled step (serve "
+                                    "--compile) since the start (a counter)", registry=r)
+        self.compiles = Gauge("slimtune_step_compiles", "Graphs the compiled decoding step made (batch shapes and "
+                              "slot-table layouts seen), and the seconds they took", ["what"], registry=r)
         self._seen_steps = 0
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
@@ -354,6 +361,9 @@ class Metrics:
         self.steps.set(stats.steps)
         self.loads.set(stats.loads)
         self.evictions.set(stats.evictions)
+        self.compiled_steps.set(stats.compiled_steps)
+        self.compiles.labels("graphs").set(stats.compiles)
+        self.compiles.labels("seconds").set(stats.compile_seconds)
         for part, size in self.engine.memory().items():
             self.memory.labels(part).set(size)
         return generate_latest(self.registry)
@@ -1200,8 +1210,9 @@ def serve(model: str = "smollm2-135m", store: str | os.PathLike = "slimtune-stor
           port: int = 8000, admin_key_file: str | os.PathLike | None = None, max_resident: int = 64,
           max_batch: int = 32, max_tunings_per_key: int = MAX_TUNINGS_PER_KEY,
           max_bytes_per_key: int = MAX_BYTES_PER_KEY, max_requests_per_key: int = MAX_REQUESTS_PER_KEY,
-          log_level: str = "info") -> None:
-    """Open the model and the store, and serve until interrupted (Ctrl-C finishes in-flight requests)."""
+          log_level: str = "info", compile: bool = False) -> None:
+    """Open the model and the store, and serve until interrupted (Ctrl-C finishes in-flight requests).
+    `compile`: decoding steps through torch.compile (see `Engine`)."""
     import torch
     import uvicorn
 
@@ -1218,7 +1229,7 @@ def serve(model: str = "smollm2-135m", store: str | os.PathLike = "slimtune-stor
         log.warning("removed %d things that interrupted uploads and writes left in the store: %s", len(tunings.cleaned),
                     ", ".join(tunings.cleaned[:20]) + (", ..." if len(tunings.cleaned) > 20 else ""))
     keys = KeyRing(tunings.path / "keys.json", admin_key)
-    engine = Engine(base, tokenizer, tunings, max_resident=max_resident, max_batch=max_batch)
+    engine = Engine(base, tokenizer, tunings, max_resident=max_resident, max_batch=max_batch, compile=compile)
     app = create_app(engine, tunings, keys, base_name_of(model), max_tunings_per_key=max_tunings_per_key,
                      max_bytes_per_key=max_bytes_per_key, max_requests_per_key=max_requests_per_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
