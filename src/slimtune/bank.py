@@ -24,6 +24,7 @@ from .methods.base import Component, InitContext
 from .methods.full import FullFineTuning
 from .methods.head import HeadComponent
 from .methods.prompt import gather_real, spread
+from .quantize import check_method as check_quantised_method
 from .routing import Routing, keep_routing_in_checkpoints, routed
 
 
@@ -70,6 +71,7 @@ class Bank(nn.Module):
             raise TuningError(f"user {user!r} is already in this bank; remove() them first")
         method, state, head_state = self._resolve(tuning)
         self.check_method(method)
+        check_quantised_method(method, self.model)  # model tuning and DoRA need the weights themselves
         context = InitContext(tokenizer or self.tokenizer)
         self._part(method.component).add(user, method, state, context)
         if modules.head_names(self.model) and not isinstance(method, FullFineTuning):

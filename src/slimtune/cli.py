@@ -17,6 +17,7 @@ from .data import DataError, Task, load_task
 from .errors import TuningError
 from .formats import Format, label_translation, metrics, write_predictions
 from .progress import Display
+from .quantize import SCHEMES, check_method, parameter_count
 from .report import parameter_report
 from .store import Store
 from .train import TrainConfig, Trainer, predict_with_progress
@@ -27,14 +28,14 @@ def method_from_args(args: argparse.Namespace, task: Task | None) -> method_conf
     return method_configs.METHODS[args.method].from_cli(args, task)
 
 
-def open_model(name: str, task: Task, quiet: bool = True):
+def open_model(name: str, task: Task, quiet: bool = True, quantize: str | None = None):
     """The model and tokenizer for a task: encoders classify with a new head, decoders by label words.
-    `quiet`: without transformers' loading output (see `load_model`)."""
+    `quiet`: without transformers' loading output; `quantize`: its linear weights quantised (see `load_model`)."""
     from .models import load_model, model_family
 
     if task.kind == "classification" and model_family(name) == "encoder":
-        return load_model(name, "classification", num_labels=len(task.labels), quiet=quiet)
-    return load_model(name, task.kind, quiet=quiet)
+        return load_model(name, "classification", num_labels=len(task.labels), quiet=quiet, quantize=quantize)
+    return load_model(name, task.kind, quiet=quiet, quantize=quantize)
 
 
 def say(line: str) -> None:
@@ -71,7 +72,7 @@ def task_with_users(args: argparse.Namespace) -> Task:
 
 def cmd_train(args: argparse.Namespace) -> int:
     task = task_with_users(args)
-    model, tokenizer = open_model(args.model, task, quiet=not args.verbose)
+    model, tokenizer = open_model(args.model, task, quiet=not args.verbose, quantize=args.quantize)
     distributed = _init_distributed()
     if distributed:
         model.to(_local_device())
@@ -79,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model.cuda()
     torch.manual_seed(args.seed)
     method = method_from_args(args, task)
+    check_method(method, model)
     bank = Bank(model, tokenizer)
     if args.user_column:
         users_of = [e.group for e in task.train]
@@ -96,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     record = {
-        "model": args.model, "task": args.task, "method": method.to_dict(), "style": fmt.style,
+        "model": args.model, "quantize": args.quantize, "task": args.task, "method": method.to_dict(), "style": fmt.style,
         "template": fmt.template, "max_length": args.max_length, "seed": args.seed, "user_column": args.user_column,
         "command": "slimtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
@@ -110,8 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = trainer.run(resume=args.resume)
     if first:
         if not args.user_column:
-            report = parameter_report(TunedModel(bank, "default"))
-            summary["parameters"] = {"trainable": report.trainable, "total": report.total, "share": report.share,
+            tuned = TunedModel(bank, "default")
+            report = parameter_report(tuned)
+            total = parameter_count(tuned)  # a quantised base's weights counted as the weights they stand for
+            summary["parameters"] = {"trainable": report.trainable, "total": total, "share": report.trainable / total,
                                      "bytes_stored": report.bytes_stored}
             storage.atomic_write_json(out / "summary.json", summary)
         print(json.dumps(summary, indent=2), flush=True)
@@ -151,7 +155,7 @@ def run_record(run: Path) -> dict:
         if not (run / "tuning").is_dir():
             raise TuningError(f"'{run}' is a {spec['method']} configuration of slimtune compare without a trained "
                               "tuning: prompt design trains nothing, and an unfinished training has no tuning/ yet")
-        return {"model": spec["model"], "task": spec["task"], "seed": spec["seed"],
+        return {"model": spec["model"], "quantize": spec.get("quantize"), "task": spec["task"], "seed": spec["seed"],
                 "max_length": BUDGETS[spec["budget"]]["max_length"]}
     raise TuningError(f"'{run}' is not a training run: it has no run.json (made by slimtune train --out) "
                       "and no spec.json (a configuration of slimtune compare, in <out>/runs/)")
@@ -163,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = load_task(args.task or record["task"], seed=record["seed"],
                      **({"group_column": record["user_column"]} if record.get("user_column") else {}))
     trained_on = load_task(record["task"], seed=record["seed"]) if (args.task and args.task != record["task"]) else task
-    model, tokenizer = open_model(record["model"], trained_on, quiet=not args.verbose)
+    model, tokenizer = open_model(record["model"], trained_on, quiet=not args.verbose, quantize=record.get("quantize"))
     note = head_note(model, trained_on, trained=False)
     if note:
         say(note)
@@ -209,7 +213,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(model=args.model, store=args.store, host=args.host, port=args.port, admin_key_file=args.admin_key_file,
           max_resident=args.max_resident, max_batch=args.max_batch, max_tunings_per_key=args.max_tunings_per_key,
-          max_bytes_per_key=args.max_bytes_per_key, max_requests_per_key=args.max_requests_per_key)
+          max_bytes_per_key=args.max_bytes_per_key, max_requests_per_key=args.max_requests_per_key,
+          compile=args.compile, quantize=args.quantize)
     return 0
 
 
@@ -247,6 +252,12 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
         method.cli_options(options)
 
 
+def add_quantize_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=list(SCHEMES),
+                   help="store the frozen base's linear weights quantised: " + ", ".join(
+                       f"{name} ({scheme.description})" for name, scheme in SCHEMES.items()) + "; needs slimtune[quant]")
+
+
 def default_lrs() -> str:
     """Each method's default learning rate, for the help of --lr."""
     shown = []
@@ -280,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.add_argument("--user-column", help="train one tuning per value of this column of a data file")
+    add_quantize_option(train)
     train.add_argument("--verbose", action="store_true", help="also show transformers' own loading output")
     train.set_defaults(func=cmd_train)
 
@@ -301,6 +313,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-key-file", help="a file holding the admin key (default: $SLIMTUNE_ADMIN_KEY)")
     serve.add_argument("--max-resident", type=int, default=64, help="tunings held in memory at once")
     serve.add_argument("--max-batch", type=int, default=32, help="generations per decoding step")
+    add_quantize_option(serve)
+    serve.add_argument("--compile", action="store_true",
+                       help="decoding steps through torch.compile (one graph per batch shape; minutes to compile each "
+                            "on a CPU, then no Python per hook; CUDA graphs on a GPU)")
     serve.add_argument("--max-tunings-per-key", type=int, default=100, help="tunings one key may keep in the store")
     serve.add_argument("--max-bytes-per-key", type=int, default=2 * 2**30,
                        help="bytes of tensors one key may keep in the store (default 2 GiB)")

@@ -22,13 +22,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import TuningError
 from .methods import METHODS as TUNING_METHODS
 from .methods import PromptTuning
 from .progress import Display, Progress, Relay, Study
+from .quantize import SCHEMES
 
 # Budgets: `quick` finishes in minutes on 2 CPU cores, `full` is for published figures, `smoke`
 # only proves the pipeline runs (CI). A training checkpoints every `checkpoint_every` steps (None: at its end).
@@ -63,11 +64,13 @@ class Spec:
     # Settings shown in the row, defaults included (an ablation's `init` and `length`). Like `label`, not
     # part of what the configuration is: runs that differ only in these two are the same run.
     shown: dict = field(default_factory=dict)
+    quantize: str | None = None  # the base's linear weights quantised with this scheme (see `slimtune.quantize`)
 
 
 def identity(spec: dict) -> dict:
-    """What makes two configurations the same run: everything but how the row is labelled."""
-    return {k: v for k, v in spec.items() if k not in ("label", "shown")}
+    """What makes two configurations the same run: everything but how the row is labelled. An unquantised
+    base is left out, so runs made before `quantize` existed are the same runs as now."""
+    return {k: v for k, v in spec.items() if k not in ("label", "shown") and not (k == "quantize" and v is None)}
 
 
 def method_config(spec: Spec, task, model):
@@ -88,6 +91,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False, progress: Progress | N
     from slimtune.data import load_task
     from slimtune.design import PromptDesign
     from slimtune.formats import Format, label_translation, metrics, write_predictions
+    from slimtune.quantize import check_method, model_bytes, parameter_count
     from slimtune.train import TrainConfig, Trainer, peak_memory, predict_with_progress
 
     budget = BUDGETS[spec.budget]
@@ -95,11 +99,13 @@ def run_spec(spec: Spec, out: Path, resume: bool = False, progress: Progress | N
     torch.manual_seed(spec.seed)
     task = load_task(spec.task, seed=spec.seed)
     ood = load_task(spec.ood_task, seed=spec.seed) if spec.ood_task else None
-    model, tokenizer = open_model(spec.model, task)
-    n_params = sum(p.numel() for p in model.parameters())
+    model, tokenizer = open_model(spec.model, task, quantize=spec.quantize)
+    n_params = parameter_count(model)  # a quantised weight counted as the weights it stands for
     row = {"method": spec.label or LABELS.get(spec.method, spec.method), "kind": spec.method, "model": spec.model,
            "model_parameters": n_params, "task": task.name, "ood_task": ood.name if ood else None, "seed": spec.seed,
-           "budget": spec.budget, **spec.options}
+           "budget": spec.budget, **spec.options, "quantize": spec.quantize,
+           # the loaded frozen model: its tensors as stored, and this process's resident memory then
+           "model_bytes": model_bytes(model), "rss_after_load_bytes": resident_bytes()}
     test = task.test[: budget["test_examples"]]
     ood_test = ood.test[: budget["test_examples"]] if ood else []
     if task.shifted_test:  # its test split is the shifted one: in distribution is its validation split
@@ -135,6 +141,10 @@ def run_spec(spec: Spec, out: Path, resume: bool = False, progress: Progress | N
         row.update(trainable=0, share=0.0, bytes_stored=len((head + cue).encode()), train_seconds=0.0, steps=0)
     else:
         method = method_config(spec, task, model)
+        try:
+            check_method(method, model)
+        except TuningError as refused:
+            return {**row, "skipped": str(refused)}
         tuned = slimtune.attach(model, method, tokenizer=tokenizer)
         fmt = Format.for_model(task, tokenizer, model, max_length=budget["max_length"])
         config = TrainConfig(steps=budget["steps"], batch_size=budget["batch_size"], lr=method.learning_rate(study=True),
@@ -165,6 +175,17 @@ def run_spec(spec: Spec, out: Path, resume: bool = False, progress: Progress | N
     row["wall_seconds"] = round(time.perf_counter() - started, 1)
     row["peak_memory_bytes"] = peak_memory(next(model.parameters()).device)
     return row
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where /proc is missing), not its peak. Right after loading,
+    the weights of a model read from an fp32 file are mapped from it, and pages not yet read are not counted;
+    a quantised model's weights were all read to quantise them."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 # --- the parent: run every configuration in its own process, then write tables and plots ----------
@@ -313,7 +334,8 @@ def _suffix(options: dict) -> str:
 
 def run_name(spec: Spec) -> str:
     """The folder name of a configuration's run: model, method, non-default settings, and the seed unless 0."""
-    return f"{slug(spec.model)}-{spec.method}{_suffix(spec.options)}" + (f"-seed{spec.seed}" if spec.seed else "")
+    return (f"{slug(spec.model)}{'-' + spec.quantize if spec.quantize else ''}-{spec.method}{_suffix(spec.options)}"
+            + (f"-seed{spec.seed}" if spec.seed else ""))
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -562,8 +584,16 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
 
 
 def specs_for(models: list[str], task: str, ood: str | None, methods: list[str], budget: str, seeds: list[int],
-              ablation: str | None) -> list[Spec]:
-    """The configurations of a study, each over every seed (seed-minor: a configuration's seeds side by side)."""
+              ablation: str | None, quantize: list[str | None] = (None,)) -> list[Spec]:
+    """The configurations of a study, each over every seed (seed-minor: a configuration's seeds side by side),
+    and on each base of `quantize` (None: the weights as stored), each method's bases side by side."""
+    return [replace(spec, quantize=scheme, label=f"{spec.label or LABELS.get(spec.method, spec.method)}, {scheme} base")
+            if scheme else spec
+            for spec in _specs_for(models, task, ood, methods, budget, seeds, ablation) for scheme in quantize]
+
+
+def _specs_for(models: list[str], task: str, ood: str | None, methods: list[str], budget: str, seeds: list[int],
+               ablation: str | None) -> list[Spec]:
     if ablation:
         from .data import load_task
         from .models import model_family
@@ -598,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="one or more seeds (several: each configuration runs once per seed; the table gives the mean "
                    "± standard deviation, then each seed; a seed also changes the data split)")
+    p.add_argument("--quantize", nargs="+", choices=["none", *SCHEMES], default=["none"],
+                   help="the frozen base's linear weights as stored (none) or quantised (see slimtune train --help); "
+                   "several: each configuration on each base, side by side (model tuning and DoRA are skipped on a "
+                   "quantised one)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--runs", help="the folder of per-configuration runs (default: OUT/runs); studies that share it "
                    "train the configurations they have in common once")
@@ -606,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     ood = args.ood_task or {"rotten-tomatoes": "amazon-food", "amazon-food": "rotten-tomatoes",
                             "bbc-headline-ood": None}.get(args.task)
     out = Path(args.out)
-    specs = specs_for(args.model, args.task, ood, args.methods, args.budget, args.seed, args.ablation)
+    quantize = [None if scheme == "none" else scheme for scheme in dict.fromkeys(args.quantize)]
+    specs = specs_for(args.model, args.task, ood, args.methods, args.budget, args.seed, args.ablation, quantize)
     started = time.perf_counter()
     rows = run_all(specs, out, fresh=args.fresh, runs=Path(args.runs) if args.runs else None)
     made = plots(rows, out, args.ablation)

@@ -52,6 +52,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .assets import PACKAGES, MissingAssetError, assets_dir, build_atomically, cache_dir, package_dir
 from .errors import TuningError
+from .quantize import check_quantised, check_scheme, quantization_config
+from .quantize import prepare as prepare_quantised
 
 TaskKind = Literal["generation", "classification", "features"]
 Family = Literal["decoder", "encoder-decoder", "encoder"]
@@ -136,11 +138,14 @@ MODELS: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_folder, "gemma3
 
 
 def load_model(name_or_path: str | os.PathLike, task_kind: TaskKind = "generation",
-               num_labels: int | None = None, quiet: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+               num_labels: int | None = None, quiet: bool = False,
+               quantize: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A model (in eval mode) and its tokenizer, by name (``MODELS``), local folder or hub id.
 
     ``num_labels`` asks for a new sequence-classification head of that many outputs (``task_kind`` must then
     be ``"classification"``); without it a classification task scores label words with the model's LM head.
+    ``quantize`` (``"nf4"``, ``"int8"``: see ``slimtune.quantize``) stores the linear weights of the body quantised
+    as they load; the heads stay in full precision.
     ``quiet`` keeps transformers' loading output (its LOAD REPORT tables, its "Loading weights" bars) off
     the screen; weights of the body that the checkpoint lacks are still said, in one line on stderr (a new
     head's weights are expected to be missing).
@@ -148,14 +153,20 @@ def load_model(name_or_path: str | os.PathLike, task_kind: TaskKind = "generatio
     if num_labels is not None and task_kind != "classification":
         raise TuningError(f"num_labels={num_labels} asks for a classification head, but task_kind is "
                           f"{task_kind!r}; pass task_kind='classification'")
+    check_scheme(quantize)
     name = str(name_or_path)
     folder, config = _locate(name)
     family = _family(config)
     model_class = _model_class(name, config, family, task_kind, num_labels)
     with quiet_transformers() if quiet else nullcontext():
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model, info = model_class.from_pretrained(folder, output_loading_info=True,
-                                                  **({"num_labels": num_labels} if num_labels else {}))
+        options = {"num_labels": num_labels} if num_labels else {}
+        if quantize:
+            options["quantization_config"] = quantization_config(quantize)
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, **options)
+    if quantize:
+        check_quantised(model, quantize, name)
+        prepare_quantised(model)
     if quiet:
         from .modules import head_names, in_head
 

@@ -1210,9 +1210,10 @@ def serve(model: str = "smollm2-135m", store: str | os.PathLike = "slimtune-stor
           port: int = 8000, admin_key_file: str | os.PathLike | None = None, max_resident: int = 64,
           max_batch: int = 32, max_tunings_per_key: int = MAX_TUNINGS_PER_KEY,
           max_bytes_per_key: int = MAX_BYTES_PER_KEY, max_requests_per_key: int = MAX_REQUESTS_PER_KEY,
-          log_level: str = "info", compile: bool = False) -> None:
+          log_level: str = "info", compile: bool = False, quantize: str | None = None) -> None:
     """Open the model and the store, and serve until interrupted (Ctrl-C finishes in-flight requests).
-    `compile`: decoding steps through torch.compile (see `Engine`)."""
+    `compile`: decoding steps through torch.compile (see `Engine`); `quantize`: the base's linear weights stored
+    quantised (see `slimtune.quantize`)."""
     import torch
     import uvicorn
 
@@ -1221,7 +1222,7 @@ def serve(model: str = "smollm2-135m", store: str | os.PathLike = "slimtune-stor
 
     admin_key = read_admin_key(admin_key_file)  # before loading the model: no key, no start
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    base, tokenizer = load_model(model, "generation")
+    base, tokenizer = load_model(model, "generation", quantize=quantize)
     if torch.cuda.is_available():
         base.cuda()
     tunings = Store(store, base)  # opened with its model: made private, and what crashes left is removed

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelMismatchError, TuningError
+from ..quantize import refuse_quantised
 from ..routing import Routing, active, route
 from .slots import RowParams, SlotRows, SlotTable
 
@@ -297,6 +298,7 @@ class Component(nn.Module):
             raise TuningError(f"{self.kind} tunings cannot be merged into the model's weights")
         if self.merged is not None:
             raise TuningError(f"the {self.kind} tuning of {self.merged!r} is already merged; unmerge() it first")
+        refuse_quantised(self.model, f"merging a {self.kind} tuning writes into the frozen weights")
         self.fold(user, undo=False)
         self.merged = user
         self._drop_kept()  # values kept from the unmerged weights
