@@ -2,8 +2,8 @@
 
 `adapters` 1.3 needs transformers 4.57, so this runs in an environment of its own, never beside slimtune:
 
-    python3 -m venv /tmp/ah && /tmp/ah/bin/pip install torch==2.13.0 && /tmp/ah/bin/pip install adapters==1.3.0
-    /tmp/ah/bin/python tests/make_adapterhub_fixtures.py          # rewrites tests/fixtures/adapterhub/
+    python3 -m venv adapters-env && adapters-env/bin/pip install torch==2.13.0 && adapters-env/bin/pip install adapters==1.3.0
+    adapters-env/bin/python tests/make_adapterhub_fixtures.py          # rewrites tests/fixtures/adapterhub/
 
 For each tiny random model (a BERT masked LM, a 3-label BERT classifier, GPT-2, Llama) it adds adapters of the
 kinds slimtune reads, with every weight random, saves each folder as AdapterHub does and records the model's
