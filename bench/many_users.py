@@ -127,18 +127,17 @@ def extra_bytes(bank: slimtune.Bank) -> int:
     return memory["tables"] + memory["layout"] + memory["kept"]
 
 
-def top_level_ops(fn, kernels: bool = False) -> int:
-    """`aten::` ops that `fn()` calls directly (not those that other aten ops call); with `kernels`, the kernels
-    that inductor generated too (each a launch, as an aten op is)."""
+def top_level_ops(fn) -> int:
+    """`aten::` ops that `fn()` calls directly (not those that other aten ops call). Of a compiled step, only the
+    aten calls left outside the generated code: inductor's own kernels are not in the profile (unless
+    `torch._inductor.config.cpp.enable_kernel_profile` is set)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     count = 0
     for event in prof.events():
-        if kernels and event.name.startswith(("cpp_fused", "triton_")) and event.cpu_parent is not None:
-            count += 1
-        elif event.name.startswith("aten::"):
+        if event.name.startswith("aten::"):
             parent = event.cpu_parent
             while parent is not None and not parent.name.startswith("aten::"):
                 parent = parent.cpu_parent
@@ -402,21 +401,21 @@ class Bench:
     def compiled(self, rows: int) -> None:
         """The compiled decoding step (`Engine(compile=...)`): each method's mixed batch against the base model
         compiled the same way, and the base model's compiled step against its eager one; with compile time, graph
-        breaks and top-level ops (aten ops and generated kernels called directly)."""
+        breaks and top-level aten ops (`top_level_ops`)."""
         backend = self.args.compile
         ids, mask = self.batch(rows, seed=2)
         with torch.inference_mode():
             eager = decoder(slimtune.Bank(self.model), [None] * rows, ids, mask)
             base, made = compiled_decoder(slimtune.Bank(self.model, serving=True), [None] * rows, ids, mask, backend)
-            base_ops = top_level_ops(base, kernels=True)
+            base_ops = top_level_ops(base)
             _, s, ratio = paired(eager, base, self.args.repeats * 4, self.device)
             self.record("compiled step", f"base model compiled ({backend}) against eager", rows, rows, s, ratio,
                         compile_seconds=round(made.compile_seconds, 1), graphs=made.compiles,
-                        graph_breaks=made.graph_breaks, ops=base_ops, eager_ops=top_level_ops(eager, kernels=True))
+                        graph_breaks=made.graph_breaks, ops=base_ops, eager_ops=top_level_ops(eager))
             for method in self.args.methods:
                 bank, users = make_bank(self.model, rows, list(METHODS) if method == "mix" else [method])
                 step, made = compiled_decoder(bank, users, ids, mask, backend)
-                ops = top_level_ops(step, kernels=True)
+                ops = top_level_ops(step)
                 _, s, ratio = paired(base, step, self.args.repeats * 4, self.device)
                 self.record("compiled step", f"slimtune {method}, mixed batch, compiled ({backend})", rows, rows, s,
                             ratio, compile_seconds=round(made.compile_seconds, 1), graphs=made.compiles,

@@ -116,7 +116,7 @@ class _Routing(Routing):
     def point(self, users: Sequence[str | None]) -> None:
         """Each row's slot in each table for this step (free rows: slot 0)."""
         for part, table, rows in self.tables:
-            index = [0 if u is None or part.skips(u) else table.slots.get(u, 0) for u in users]
+            index = table.index([None if u is None or part.skips(u) else u for u in users])
             index += [0] * (rows.index.shape[0] - len(index))
             rows.index.copy_(torch.tensor(index))
 
@@ -151,7 +151,9 @@ class CapturedStep:
         self.window = window if self.layer_types or (window and getattr(config, "use_sliding_window", True)) else None
         self.takes_positions = bank._takes_positions
         self.backend, self.mode = backend, mode
-        self._compiled: dict[tuple, Any] = {}  # routing structure -> its compiled step
+        # The compiled step of the current routing structure: an older structure names tables since dropped or
+        # regrown, so it does not come back, and its graphs are let go.
+        self._compiled: tuple[tuple, Any] | None = None
         self._routing: _Routing | None = None
         self.compiles = 0  # graphs made (batch shapes and slot-table layouts seen)
         self.compile_seconds = 0.0  # spent in the steps that made them
@@ -217,10 +219,10 @@ class CapturedStep:
         counters = torch._dynamo.utils.counters
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         began = time.perf_counter()
-        compiled = self._compiled.get(routing.key)
-        if compiled is None:  # a new layout of hooks and tables
-            compiled = self._compiled[routing.key] = torch.compile(_own_code(self._forward), backend=self.backend,
-                                                                   mode=self.mode, dynamic=False)
+        if self._compiled is None or self._compiled[0] != routing.key:  # a new layout of hooks and tables
+            self._compiled = (routing.key, torch.compile(_own_code(self._forward), backend=self.backend,
+                                                         mode=self.mode, dynamic=False))
+        compiled = self._compiled[1]
         with routed(routing):
             logits = compiled(*args)
         made = counters["stats"]["unique_graphs"] - graphs
