@@ -209,12 +209,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve  # fastapi and uvicorn only when serving
+    from .serving.http.app import ServerOptions, serve  # fastapi and uvicorn only when serving
 
-    serve(model=args.model, store=args.store, host=args.host, port=args.port, admin_key_file=args.admin_key_file,
-          max_resident=args.max_resident, max_batch=args.max_batch, max_tunings_per_key=args.max_tunings_per_key,
-          max_bytes_per_key=args.max_bytes_per_key, max_requests_per_key=args.max_requests_per_key,
-          compile=args.compile, quantize=args.quantize)
+    options = ServerOptions(model=args.model, store=args.store, max_resident=args.max_resident, max_batch=args.max_batch,
+                            max_tunings_per_key=args.max_tunings_per_key, max_bytes_per_key=args.max_bytes_per_key,
+                            max_requests_per_key=args.max_requests_per_key, compile=args.compile, quantize=args.quantize)
+    serve(options, host=args.host, port=args.port, admin_key_file=args.admin_key_file, replicas=args.replicas,
+          ray_address=args.ray_address)
     return 0
 
 
@@ -322,6 +323,10 @@ def parser() -> argparse.ArgumentParser:
                        help="bytes of tensors one key may keep in the store (default 2 GiB)")
     serve.add_argument("--max-requests-per-key", type=int, default=64,
                        help="requests one key may have in flight at once (each prompt counts; 429 beyond)")
+    serve.add_argument("--replicas", type=int, default=0,
+                       help="serve as this many engine replicas on Ray Serve, sharing the store and routed by tuning "
+                            "(needs: pip install 'slimtune[ray]'); 0, the default, serves in this process")
+    serve.add_argument("--ray-address", help="with --replicas: the Ray cluster to join (default: a local Ray instance)")
     serve.set_defaults(func=cmd_serve)
     return top
 

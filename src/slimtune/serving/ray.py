@@ -1,0 +1,252 @@
+"""`slimtune serve --replicas N`: N engine replicas on Ray Serve, sharing one store, routed by tuning.
+
+    client ──HTTP──▶ Ray Serve's proxy ──▶ Ingress ──handle, multiplexed by tuning──▶ Replica 1 … N
+                                                                                  (the single-process app)
+
+- **Replica**: one process's whole server (`http.app.open_app`: model, engine, store, keys), driven as an
+  ASGI app from Ray. Every route, key check, error and limit is the single-process server's own code.
+- **Ingress**: reads the request (with the server's body limits), and forwards it to a replica. A
+  completion, chat or classification request for a tuning carries a *routing key*: a hash of the caller's
+  key and the model's name (the tuning as that key knows it), given to Ray Serve as the request's
+  multiplexed model id. Ray Serve sends it to a replica that recently served that id, so each tuning stays
+  resident where its requests go, and spreads the ids it has not seen over the replicas with the fewest.
+  The ingress reads no key and no store: it cannot tell whose a tuning is, and the id is never shown.
+  Base-model requests, uploads, listings and key calls go to any replica.
+- **Faults**: a replica that dies before it has answered gets its request sent once more, to another
+  replica, when the request changes nothing (generation, classification, reads); otherwise, and when it
+  dies part-way through a streamed answer, the client gets a 503 (or, in a stream, a last error event)
+  saying so. Ray Serve restarts the replica, which opens the store again and serves from it.
+
+The store is shared: a key, a tuning uploaded, replaced or deleted through one replica is seen by the
+others at their next request (see `slimtune.store` and `slimtune.keys` for the bound and for what a shared
+file system must provide). Limits counted in memory stay per replica: requests in flight per key, and one
+upload at a time per key.
+"""
+
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .http.app import BodyLimit, ServerOptions, open_app
+from .http.schema import MAX_BODY, MAX_UPLOAD, error_body
+
+log = logging.getLogger("slimtune.server")
+
+ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/classify")  # the requests that use a tuning
+CHANGES_NOTHING = {("POST", path) for path in ROUTED}  # safe to send again; and every GET
+STREAMED = b"text/event-stream"
+APP_NAME = "slimtune"
+REPLICA_HEADER = b"x-slimtune-replica"
+
+
+def routing_key(method: str, path: str, headers: dict[str, str], body: bytes, base_name: str) -> str:
+    """The multiplexed model id of a request ("" for one that may go anywhere): the same for every request of
+    one key for one tuning, and telling nothing of either."""
+    if method != "POST" or path.rstrip("/") not in ROUTED:
+        return ""
+    import pydantic_core
+
+    try:
+        model = pydantic_core.from_json(body).get("model")
+    except (ValueError, AttributeError):
+        return ""  # the replica answers what is wrong with the body
+    if not isinstance(model, str) or model == base_name:
+        return ""
+    key = headers.get("authorization", "").partition(" ")[2].strip()
+    return hashlib.sha256(f"{key}\0{model}".encode()).hexdigest()[:32]
+
+
+def _retryable(method: str, path: str) -> bool:
+    return method == "GET" or (method, path.rstrip("/")) in CHANGES_NOTHING
+
+
+async def run_asgi(app, method: str, path: str, query: bytes, headers: list, body: bytes) -> AsyncIterator[tuple]:
+    """One HTTP request through an ASGI app, in this process: ("whole", status, headers, body) for an ordinary
+    answer, or ("start", status, headers) then ("chunk", bytes)... for a stream. Leaving early (the client is
+    gone) tells the app the client disconnected, which cancels its generations."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 0), "server": ("slimtune", 80)}
+    messages: asyncio.Queue = asyncio.Queue()
+    gone = asyncio.Event()
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await messages.put(message)
+
+    task = asyncio.get_running_loop().create_task(app(scope, receive, send))
+    task.add_done_callback(lambda _: messages.put_nowait(None))
+    try:
+        start = await messages.get()
+        if start is None or start["type"] != "http.response.start":
+            task.result()  # the app's own error, if it raised one
+            raise RuntimeError("the app ended without an answer")
+        status, answer_headers = start["status"], start.get("headers", [])
+        streamed = dict(answer_headers).get(b"content-type", b"").startswith(STREAMED)
+        parts = []
+        if streamed:
+            yield ("start", status, answer_headers)
+        while (message := await messages.get()) is not None:
+            if message["type"] != "http.response.body":
+                continue
+            if message.get("body"):
+                if streamed:
+                    yield ("chunk", message["body"])
+                else:
+                    parts.append(message["body"])
+            if not message.get("more_body"):
+                break
+        if not streamed:
+            yield ("whole", status, answer_headers, b"".join(parts))
+    finally:
+        gone.set()
+        await asyncio.wait([task], timeout=30)
+
+
+def application(options: ServerOptions, admin_key: str, replicas: int, threads: int | None = None):
+    """The Ray Serve application: the ingress bound to `replicas` replicas of the server."""
+    import torch
+    from ray import serve
+    from ray.exceptions import RayActorError
+
+    threads = threads or max(1, (os.cpu_count() or 1) // replicas)
+
+    @serve.deployment(name="Replica", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=4 * options.max_requests_per_key, health_check_period_s=2,
+                      graceful_shutdown_timeout_s=30)
+    class Replica:
+        def __init__(self):
+            torch.set_num_threads(threads)
+            self.app = open_app(options, admin_key)
+            self.service = self.app.state.service
+            self.id = serve.get_replica_context().replica_id.unique_id.encode()
+
+        @serve.multiplexed(max_num_models_per_replica=options.max_resident)
+        async def resident(self, routing: str) -> str:  # the engine loads the tuning itself, at admission
+            return routing
+
+        async def handle(self, method: str, path: str, query: bytes, headers: list, body: bytes) -> AsyncIterator[tuple]:
+            routing = serve.get_multiplexed_model_id()
+            if routing:
+                await self.resident(routing)  # tells Ray Serve this replica holds it
+            async for part in run_asgi(self.app, method, path, query, headers, body):
+                if part[0] != "chunk":  # which replica answered: for operators, and to tell replicas apart in tests
+                    part = (*part[:2], [*part[2], (REPLICA_HEADER, self.id)], *part[3:])
+                yield part
+
+        def __del__(self):
+            service = getattr(self, "service", None)
+            if service is not None:
+                service.closing = True
+                service.engine.close(False)
+
+    ingress_app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    ingress_app.add_middleware(BodyLimit, limit=MAX_BODY, upload_limit=MAX_UPLOAD)
+
+    @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+    @serve.ingress(ingress_app)
+    class Ingress:
+        def __init__(self, replica):
+            self.replica = replica
+
+        @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH"])
+        async def forward(self, request: Request) -> Response:
+            body = await request.body()
+            method, path = request.method, request.url.path
+            headers = [(k, v) for k, v in request.headers.raw if k.lower() not in (b"host", b"content-length")]
+            routing = routing_key(method, path, dict(request.headers), body, options.base_name)
+            handle = self.replica.options(stream=True, multiplexed_model_id=routing)
+            for attempt in (1, 2):
+                answer = handle.handle.remote(method, path, request.url.query.encode(), headers, body)
+                try:
+                    first = await answer.__anext__()
+                    break
+                except (RayActorError, StopAsyncIteration) as err:
+                    if attempt == 2 or not _retryable(method, path):
+                        log.warning("a replica stopped while answering %s %s: %s", method, path, type(err).__name__)
+                        return replica_lost(_retryable(method, path))
+            if first[0] == "whole":
+                _, status, answer_headers, content = first
+                return Response(content, status, headers=_plain(answer_headers))
+            _, status, answer_headers = first
+            return StreamingResponse(_rest(answer), status, headers=_plain(answer_headers))
+
+    def replica_lost(changes_nothing: bool) -> JSONResponse:
+        tail = ("nothing was generated; send the request again." if changes_nothing else
+                "it may or may not have taken effect: check (e.g. GET /v1/tunings or /v1/keys) before sending it again.")
+        return JSONResponse(error_body(f"The server replica handling your request stopped; {tail}", "server_error",
+                                       code="replica_stopped"), 503)
+
+    return Ingress.bind(Replica.bind())
+
+
+def _plain(headers: list) -> dict:
+    return {k.decode(): v.decode() for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")}
+
+
+async def _rest(answer) -> AsyncIterator[bytes]:
+    """The rest of a streamed answer; a replica lost part-way ends it with an error event, as the stream's own
+    errors do."""
+    from ray.exceptions import RayActorError
+
+    try:
+        async for _, chunk in answer:
+            yield chunk
+    except RayActorError:
+        message = "The server replica handling your request stopped part-way; send the request again."
+        import json
+
+        yield f"data: {json.dumps(error_body(message, 'server_error', code='replica_stopped'))}\n\n".encode()
+
+
+def start(options: ServerOptions, admin_key: str, *, replicas: int, host: str = "127.0.0.1", port: int = 8000,
+          address: str | None = None, threads: int | None = None) -> str:
+    """Deploy the application (Ray started locally unless `address` names a cluster); returns its base URL."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as err:
+        raise SystemExit("slimtune serve --replicas needs Ray Serve: pip install 'slimtune[ray]'") from err
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": os.cpu_count() or 1}))
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application(options, admin_key, replicas, threads), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    from ray import serve
+
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def serve(options: ServerOptions, admin_key: str, *, replicas: int, host: str = "127.0.0.1", port: int = 8000,
+          address: str | None = None) -> None:
+    """`slimtune serve --replicas N`: serve until interrupted, then shut the replicas down."""
+    url = start(options, admin_key, replicas=replicas, host=host, port=port, address=address)
+    log.info("serving %s with %d replicas on Ray Serve at %s", options.base_name, replicas, url)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    stop()
