@@ -648,6 +648,116 @@ def setup_hostile(http: httpx.Client, model_name: str, lora: Path) -> str:
     return key
 
 
+def model_folder(name: str, folder: Path) -> str:
+    """What replicas open: the packaged model's name, or the tiny model saved to a folder."""
+    if name != "tiny":
+        return name
+    model, tokenizer = tiny_model()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def resident_figures(http: httpx.Client, key: str, replicas: int, within: float = 60.0) -> dict:
+    """Each replica's tuning loads and evictions, from its /metrics (answered by one replica at a time)."""
+    from slimtune.serving.ray import REPLICA_HEADER
+
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + within
+    while len(seen) < replicas and time.monotonic() < deadline:
+        response = http.get("/metrics", headers={"Authorization": f"Bearer {key}"})
+        figures = {}
+        for line in response.text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("slimtune_tuning_loads", "slimtune_tuning_evictions", "slimtune_resident_tunings"):
+                figures[name.removeprefix("slimtune_")] = float(value)
+        seen.setdefault(response.headers.get(REPLICA_HEADER.decode(), "single"), figures)
+    return seen
+
+
+def replicas_main(args) -> int:
+    """`--replicas N`: the same load against the single-process server, N replicas routed by tuning, and N
+    replicas balanced without routing (round-robin-like), one after the other in one run; every answer checked."""
+    import ray
+
+    from slimtune.serving import ray as on_ray
+    from slimtune.serving.http.app import ServerOptions, open_app
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"load_test_{args.model}_replicas{args.replicas}.json")
+    ctx = get_context("spawn")
+    configs = ["single", "routed", "unrouted"]
+    report: dict = {"command": " ".join(["python bench/load_test.py", *sys.argv[1:]]), "model": args.model,
+                    "users": args.users, "clients": args.clients, "requests": args.requests,
+                    "max_tokens": args.max_tokens, "max_resident_per_server": args.max_resident,
+                    "replicas": args.replicas, "configs": {}, "source": source(),
+                    "machine": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+                                "cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = model_folder(args.model, Path(tmp) / "model")
+        tunings = make_tunings(args.model, args.users, Path(tmp) / "saved", args.scale)
+        model, tokenizer = open_model(args.model)
+        prompts = prompts_for(args.model, args.prompts * args.users)
+        with Engine(model, tokenizer, max_resident=args.users) as alone:
+            for i, (_, folder) in enumerate(tunings):
+                alone.add(f"user{i}", folder)
+            expected = {(u, j): alone.generate(f"user{u}", prompts[u * args.prompts + j], max_new_tokens=args.max_tokens).text
+                        for u in range(args.users) for j in range(args.prompts)}
+        rng = random.Random(1)
+        draws = [(i % args.users, rng.randrange(args.prompts), rng.random() < args.stream_share)
+                 for i in range(args.requests)]
+        rng.shuffle(draws)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            for config in configs:
+                options = ServerOptions(model=base, store=str(Path(tmp) / f"store-{config}"),
+                                        max_resident=args.max_resident, max_batch=args.max_batch)
+                if config == "single":
+                    server = running(open_app(options, ADMIN))
+                    url = server.__enter__()
+                else:
+                    url = on_ray.start(options, ADMIN, replicas=args.replicas, port=18800, routed=config == "routed")
+                try:
+                    with httpx.Client(base_url=url, timeout=120) as http:
+                        users = setup_users(http, tunings)
+                        plan = [{"index": i, "key": users[u]["key"], "model": "mine",
+                                 "prompt": prompts[u * args.prompts + j], "max_tokens": args.max_tokens, "stream": st}
+                                for i, (u, j, st) in enumerate(draws)]
+                        want = [expected[(u, j)] for u, j, _ in draws]
+                        before = resident_figures(http, users[0]["key"], 1 if config == "single" else args.replicas)
+                        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                            load = pool.submit(drive, url, plan, args.clients, args.timeout).result()
+                        after = resident_figures(http, users[0]["key"], 1 if config == "single" else args.replicas)
+                finally:
+                    if config == "single":
+                        server.__exit__(None, None, None)
+                    else:
+                        on_ray.stop(shutdown=False)
+                results = load["results"]
+                errors = [r["error"] for r in results if "error" in r]
+                wrong = [r["index"] for r in results if "text" in r and r["text"] != want[r["index"]]]
+                latencies = [r["seconds"] for r in results if "error" not in r]
+                loads = sum(f.get("tuning_loads", 0) for f in after.values()) - sum(
+                    f.get("tuning_loads", 0) for f in before.values())
+                report["configs"][config] = {
+                    "answered": len(results), "errors": len(errors), "wrong_answers": len(wrong),
+                    "first_errors": errors[:5], "timed_out": load["timed_out"], "wall_seconds": round(load["seconds"], 2),
+                    "requests_per_second": round(len(latencies) / load["seconds"], 2),
+                    "latency_seconds": {"p50": round(percentile(latencies, 50), 4),
+                                        "p99": round(percentile(latencies, 99), 4)} if latencies else None,
+                    "tuning_loads_during_load": int(loads),
+                    "residency_hit_rate": round(1 - loads / max(1, len(latencies)), 3),
+                    "per_replica_after": after}
+                print(config, json.dumps(report["configs"][config]), flush=True)
+        finally:
+            ray.shutdown()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    ok = all(c["errors"] == 0 and c["wrong_answers"] == 0 and c["answered"] == args.requests
+             for c in report["configs"].values())
+    print("OK: every answer equals its tuning's output alone, no errors" if ok else "FAILED: errors or wrong answers")
+    return 0 if ok else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny (a random Llama built from a config) or smollm2-135m")
@@ -667,8 +777,13 @@ def main() -> int:
                         "fair share costs the others")
     p.add_argument("--hostile-tasks", type=int, default=4, help="the hostile (or honest) tenant's concurrent requests")
     p.add_argument("--hostile-timeout", type=float, default=30, help="seconds one hostile request may take")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="compare the single-process server with this many replicas on Ray Serve, routed by tuning and "
+                        "not (the same load against each, one after the other)")
     p.add_argument("--out", help="JSON results (default: bench/results/load_test_<model>.json)")
     args = p.parse_args()
+    if args.replicas:
+        return replicas_main(args)
     if args.hostile and args.honest:
         p.error("--hostile and --honest put a tenant in the same place: choose one")
     extra = args.hostile or args.honest  # a 17th tenant beside the clients

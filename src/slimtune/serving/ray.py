@@ -28,14 +28,21 @@ import asyncio
 import hashlib
 import logging
 import os
+import random
 import signal
 import threading
 from collections.abc import AsyncIterator
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve as ray_serve
+from ray.exceptions import RayActorError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from .http.app import BodyLimit, ServerOptions, open_app
+from .http.metrics import rows_since
 from .http.schema import MAX_BODY, MAX_UPLOAD, error_body
 
 log = logging.getLogger("slimtune.server")
@@ -62,6 +69,22 @@ def routing_key(method: str, path: str, headers: dict[str, str], body: bytes, ba
         return ""
     key = headers.get("authorization", "").partition(" ")[2].strip()
     return hashlib.sha256(f"{key}\0{model}".encode()).hexdigest()[:32]
+
+
+class TuningAffinity(FIFOMixin, RequestRouter):
+    """Ray Serve's choice of replica for each request: one with a routing key goes to the replica that ranks its
+    key highest (rendezvous hashing: each key's first choice is stable while the replicas stay, keys spread evenly,
+    and a replica that leaves moves only its own keys), and on to the next ranked when that one is full
+    (`max_ongoing_requests`), so a hot tuning spills over rather than queues. Requests without a key go to the
+    less busy of two replicas at random, as Ray Serve's default router does."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        key = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if not key:
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        ranked = sorted(candidate_replicas, key=lambda r: hashlib.sha256(f"{key}/{r.replica_id.unique_id}".encode()).digest())
+        return [[r] for r in ranked]
 
 
 def _retryable(method: str, path: str) -> bool:
@@ -119,36 +142,32 @@ async def run_asgi(app, method: str, path: str, query: bytes, headers: list, bod
         await asyncio.wait([task], timeout=30)
 
 
-def application(options: ServerOptions, admin_key: str, replicas: int, threads: int | None = None):
-    """The Ray Serve application: the ingress bound to `replicas` replicas of the server."""
+def application(options: ServerOptions, admin_key: str, replicas: int, threads: int | None = None,
+                routed: bool = True):
+    """The Ray Serve application: the ingress bound to `replicas` replicas of the server, each with `threads` torch
+    threads (default: this machine's cores shared out). `routed=False` sends every request anywhere (a benchmark's
+    baseline: Ray Serve's balancing without routing by tuning)."""
     import torch
-    from ray import serve
-    from ray.exceptions import RayActorError
 
     threads = threads or max(1, (os.cpu_count() or 1) // replicas)
 
-    @serve.deployment(name="Replica", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
-                      max_ongoing_requests=4 * options.max_requests_per_key, health_check_period_s=2,
-                      graceful_shutdown_timeout_s=30)
+    @ray_serve.deployment(name="Replica", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=2 * options.max_batch, health_check_period_s=2, graceful_shutdown_timeout_s=30,
+                      request_router_config=RequestRouterConfig(request_router_class=TuningAffinity))
     class Replica:
         def __init__(self):
             torch.set_num_threads(threads)
             self.app = open_app(options, admin_key)
             self.service = self.app.state.service
-            self.id = serve.get_replica_context().replica_id.unique_id.encode()
-
-        @serve.multiplexed(max_num_models_per_replica=options.max_resident)
-        async def resident(self, routing: str) -> str:  # the engine loads the tuning itself, at admission
-            return routing
+            self.id = ray_serve.get_replica_context().replica_id.unique_id.encode()
+            self.figures = ReplicaFigures(self.service.engine)
 
         async def handle(self, method: str, path: str, query: bytes, headers: list, body: bytes) -> AsyncIterator[tuple]:
-            routing = serve.get_multiplexed_model_id()
-            if routing:
-                await self.resident(routing)  # tells Ray Serve this replica holds it
             async for part in run_asgi(self.app, method, path, query, headers, body):
                 if part[0] != "chunk":  # which replica answered: for operators, and to tell replicas apart in tests
                     part = (*part[:2], [*part[2], (REPLICA_HEADER, self.id)], *part[3:])
                 yield part
+            self.figures.update()
 
         def __del__(self):
             service = getattr(self, "service", None)
@@ -159,8 +178,8 @@ def application(options: ServerOptions, admin_key: str, replicas: int, threads: 
     ingress_app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     ingress_app.add_middleware(BodyLimit, limit=MAX_BODY, upload_limit=MAX_UPLOAD)
 
-    @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
-    @serve.ingress(ingress_app)
+    @ray_serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+    @ray_serve.ingress(ingress_app)
     class Ingress:
         def __init__(self, replica):
             self.replica = replica
@@ -170,7 +189,7 @@ def application(options: ServerOptions, admin_key: str, replicas: int, threads: 
             body = await request.body()
             method, path = request.method, request.url.path
             headers = [(k, v) for k, v in request.headers.raw if k.lower() not in (b"host", b"content-length")]
-            routing = routing_key(method, path, dict(request.headers), body, options.base_name)
+            routing = routing_key(method, path, dict(request.headers), body, options.base_name) if routed else ""
             handle = self.replica.options(stream=True, multiplexed_model_id=routing)
             for attempt in (1, 2):
                 answer = handle.handle.remote(method, path, request.url.query.encode(), headers, body)
@@ -196,6 +215,29 @@ def application(options: ServerOptions, admin_key: str, replicas: int, threads: 
     return Ingress.bind(Replica.bind())
 
 
+class ReplicaFigures:
+    """Each replica's resident tunings and rows per decoding step, as Ray metrics (tagged with the replica by Ray
+    Serve, exported by each node's metrics agent beside Ray Serve's own): `/metrics` through the proxy answers for
+    one replica only."""
+
+    def __init__(self, engine):
+        from ray.serve import metrics
+
+        self.engine, self.seen = engine, 0
+        self.resident = metrics.Gauge("slimtune_resident_tunings", "Tunings loaded in this replica's bank")
+        self.loads = metrics.Gauge("slimtune_tuning_loads", "Tunings this replica loaded from the store (a counter)")
+        self.rows = metrics.Histogram("slimtune_batch_rows", "Rows (generations) per decoding step",
+                                      boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+
+    def update(self) -> None:
+        stats = self.engine.stats
+        for n in rows_since(stats, self.seen):
+            self.rows.observe(n)
+        self.seen = stats.steps
+        self.resident.set(len(self.engine.resident))
+        self.loads.set(stats.loads)
+
+
 def _plain(headers: list) -> dict:
     return {k.decode(): v.decode() for k, v in headers if k.lower() not in (b"content-length", b"transfer-encoding")}
 
@@ -203,8 +245,6 @@ def _plain(headers: list) -> dict:
 async def _rest(answer) -> AsyncIterator[bytes]:
     """The rest of a streamed answer; a replica lost part-way ends it with an error event, as the stream's own
     errors do."""
-    from ray.exceptions import RayActorError
-
     try:
         async for _, chunk in answer:
             yield chunk
@@ -216,28 +256,23 @@ async def _rest(answer) -> AsyncIterator[bytes]:
 
 
 def start(options: ServerOptions, admin_key: str, *, replicas: int, host: str = "127.0.0.1", port: int = 8000,
-          address: str | None = None, threads: int | None = None) -> str:
+          address: str | None = None, threads: int | None = None, routed: bool = True) -> str:
     """Deploy the application (Ray started locally unless `address` names a cluster); returns its base URL."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError as err:
-        raise SystemExit("slimtune serve --replicas needs Ray Serve: pip install 'slimtune[ray]'") from err
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": os.cpu_count() or 1}))
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(application(options, admin_key, replicas, threads), name=APP_NAME, route_prefix="/")
+    ray_serve.start(http_options={"host": host, "port": port})
+    ray_serve.run(application(options, admin_key, replicas, threads, routed), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 
 
-def stop() -> None:
-    from ray import serve
-
-    serve.delete(APP_NAME)
-    serve.shutdown()
+def stop(shutdown: bool = True) -> None:
+    """Delete the application (its replicas finish what they hold first); with `shutdown`, stop Ray Serve too."""
+    ray_serve.delete(APP_NAME)
+    if shutdown:
+        ray_serve.shutdown()
 
 
 def serve(options: ServerOptions, admin_key: str, *, replicas: int, host: str = "127.0.0.1", port: int = 8000,

@@ -285,7 +285,10 @@ def serve(options: ServerOptions, host: str = "127.0.0.1", port: int = 8000,
     admin_key = read_admin_key(admin_key_file)  # before loading the model: no key, no start
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     if replicas:
-        from .. import ray as on_ray
+        try:
+            from .. import ray as on_ray
+        except ImportError as err:
+            raise SystemExit(f"slimtune serve --replicas needs Ray Serve ({err}): pip install 'slimtune[ray]'") from err
 
         on_ray.serve(options, admin_key, replicas=replicas, host=host, port=port, address=ray_address)
         return

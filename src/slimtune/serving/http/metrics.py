@@ -10,6 +10,13 @@ from prometheus_client import Counter as PromCounter
 from ...engine import Engine
 
 
+def rows_since(stats, seen: int) -> list[int]:
+    """Rows of each decoding step after the first `seen` steps (of the recent ones: the engine keeps the last 1000)."""
+    rows = list(stats.batch_rows)
+    new = min(stats.steps - seen, len(rows))
+    return rows[len(rows) - new:] if new > 0 else []
+
+
 class Metrics:
     """Prometheus metrics of one app (its own registry, so several apps can live in one process)."""
 
@@ -49,9 +56,7 @@ class Metrics:
     def render(self) -> bytes:
         """The engine's figures as of now, then the text format."""
         stats = self.engine.stats
-        rows = list(stats.batch_rows)  # recent steps only: the engine keeps the last 1000
-        new = min(stats.steps - self._seen_steps, len(rows))
-        for n in rows[len(rows) - new:] if new > 0 else []:
+        for n in rows_since(stats, self._seen_steps):
             self.batch_rows.observe(n)
         self._seen_steps = stats.steps
         self.resident.set(len(self.engine.resident))
