@@ -7,12 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import tiny
 
 import slimtune
 from slimtune.engine import Engine
 from slimtune.models import load_model
 
-import tiny
 from helpers import perturb
 
 ray = pytest.importorskip("ray")
