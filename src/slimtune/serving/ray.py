@@ -25,12 +25,13 @@ upload at a time per key.
 
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import random
 import signal
-import threading
+import time
 from collections.abc import AsyncIterator
 
 import ray
@@ -255,14 +256,19 @@ async def _rest(answer) -> AsyncIterator[bytes]:
         yield f"data: {json.dumps(error_body(message, 'server_error', code='replica_stopped'))}\n\n".encode()
 
 
+def connect(address: str | None = None) -> None:
+    """Join the Ray cluster at `address`, or start a local Ray instance (once per process)."""
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": os.cpu_count() or 1}))
+
+
 def start(options: ServerOptions, admin_key: str, *, replicas: int, host: str = "127.0.0.1", port: int = 8000,
           address: str | None = None, threads: int | None = None, routed: bool = True) -> str:
     """Deploy the application (Ray started locally unless `address` names a cluster); returns its base URL."""
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": os.cpu_count() or 1}))
+    connect(address)
     ray_serve.start(http_options={"host": host, "port": port})
     ray_serve.run(application(options, admin_key, replicas, threads, routed), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
@@ -277,11 +283,21 @@ def stop(shutdown: bool = True) -> None:
 
 def serve(options: ServerOptions, admin_key: str, *, replicas: int, host: str = "127.0.0.1", port: int = 8000,
           address: str | None = None) -> None:
-    """`slimtune serve --replicas N`: serve until interrupted, then shut the replicas down."""
-    url = start(options, admin_key, replicas=replicas, host=host, port=port, address=address)
-    log.info("serving %s with %d replicas on Ray Serve at %s", options.base_name, replicas, url)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    stop()
+    """`slimtune serve --replicas N`: serve until interrupted (Ctrl-C or SIGTERM), then shut the replicas down."""
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    try:
+        connect(address)
+        signal.signal(signal.SIGTERM, interrupt)  # after Ray's start, which sets its own handler
+        url = start(options, admin_key, replicas=replicas, host=host, port=port, address=address)
+        log.info("serving %s with %d replicas on Ray Serve at %s", options.base_name, replicas, url)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("shutting the replicas down")
+    finally:
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):  # interrupted before Serve started: nothing to stop
+                stop()
