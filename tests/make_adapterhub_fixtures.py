@@ -7,7 +7,8 @@
 
 For each tiny random model (a BERT masked LM, a 3-label BERT classifier, GPT-2, Llama) it adds adapters of the
 kinds slimtune reads, with every weight random, saves each folder as AdapterHub does and records the model's
-outputs in eval mode (and one in training mode, dropout on) on a padded batch in `reference.safetensors`.
+outputs in eval mode (and one in training mode, dropout on) on a padded batch in `reference.safetensors`; for the
+decoders' prefix tunings also the logits of greedy generation from that batch (`generate()`, left-padded).
 
 The base weights are not stored: `base_model` below fills every parameter from a generator seeded by its name,
 so slimtune's tests rebuild exactly the same model under transformers 5 (importing this file does not import
@@ -16,6 +17,7 @@ so slimtune's tests rebuild exactly the same model under transformers 5 (importi
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import zlib
@@ -44,6 +46,8 @@ MODELS = {
         num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)),
 }
 DECODERS = ("gpt2", "llama")
+GENERATED = 4  # new tokens in the generation references
+NO_TOKEN = VOCAB  # their end-of-sequence id, past the vocabulary: no row ends
 
 
 def fill(named, scale_2d: float = 1.0) -> None:
@@ -122,7 +126,26 @@ def adapter_configs():
         "llama/houlsby": ("llama", DoubleSeqBnConfig(reduction_factor=4, non_linearity="swish"), True),
         "llama/lora": ("llama", LoRAConfig(r=4, alpha=16), True),
         "bert-mlm/prefix": ("bert-mlm", PrefixTuningConfig(prefix_length=5, bottleneck_size=16), False),
+        # AdapterHub saves a prefix tuning's pool once per layer too, shared tensors that safetensors refuses: .bin
+        "bert-cls/prefix": ("bert-cls", PrefixTuningConfig(prefix_length=4, bottleneck_size=8, non_linearity="relu"),
+                            False),
+        "gpt2/prefix": ("gpt2", PrefixTuningConfig(prefix_length=5, bottleneck_size=16), False),
+        "llama/prefix": ("llama", PrefixTuningConfig(prefix_length=6, bottleneck_size=16), False),
+        "llama/prefix-flat": ("llama", PrefixTuningConfig(prefix_length=3, flat=True), False),
     }
+
+
+def generated(model, inputs) -> torch.Tensor:
+    """The logits [GENERATED, rows, vocab] of greedy generation from `inputs` (positions from the mask), each step
+    recomputed without a cache: AdapterHub 1.3's Llama layers under transformers 4.57 take the cache by its old
+    keyword (`past_key_value`), so from its cache each new token would see only itself and the prefix. No token
+    ends a row (`NO_TOKEN`): each step takes the argmax of the raw logits."""
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = NO_TOKEN
+    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=False,
+                         max_new_tokens=GENERATED, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=model.config.pad_token_id, use_cache=False, generation_config=config)
+    return torch.stack(out.logits).contiguous()
 
 
 def main() -> None:
@@ -144,13 +167,23 @@ def main() -> None:
         adapters.init(model)
         model.add_adapter("ah", config=config)
         model.set_active_adapters("ah")
-        fill([(n, p) for n, p in model.named_parameters() if ".ah." in n or n.endswith(".ah")], scale_2d=0.5)
+        prefix = "/prefix" in folder
+        # A prefix's values are keys and values themselves (flat) or made by an MLP: larger, to move the outputs.
+        fill([(n, p) for n, p in model.named_parameters() if ".ah." in n or n.endswith(".ah")],
+             scale_2d=4.0 if prefix else 0.5)
+        if prefix and config.flat:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith(".control_trans"):
+                        p.mul_(10)
         if kind == "bert-cls":  # a trained head: not the base model's
             fill([(n + ".trained", p) for n, p in model.classifier.named_parameters()])
         model.eval()
         inputs = batch(kind)
         with torch.no_grad():
             references.update({f"{folder}.{k}": v for k, v in outputs(model, inputs).items()})
+            if prefix and kind in DECODERS:
+                references[f"{folder}.generate.logits"] = generated(model, inputs)
         moved = (references[f"{folder}.hidden"] - references[f"{kind}.base.hidden"]).abs().max()
         assert moved > 1e-2, f"{folder}: the adapter changes nothing ({moved})"
         if folder == "bert-mlm/houlsby":  # dropout on (hidden_dropout_prob 0.1): the adapter reads drop(h)

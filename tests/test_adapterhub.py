@@ -4,18 +4,21 @@ The folders and the reference outputs under fixtures/adapterhub/ were made by `a
 (make_adapterhub_fixtures.py, in an environment with transformers 4.57); these tests need only those files.
 """
 
+import copy
 import json
 import shutil
 
 import pytest
 import torch
-from make_adapterhub_fixtures import HERE, TRAIN_SEED, base_model, batch, outputs
+from make_adapterhub_fixtures import GENERATED, HERE, NO_TOKEN, TRAIN_SEED, base_model, batch, outputs
 from safetensors.torch import load_file
 
 import slimtune
+from slimtune.engine import Engine
 from slimtune.errors import ModelMismatchError, TuningError, TuningFileError
 
-from helpers import perturb
+from conftest import build
+from helpers import perturb, vocab_tokenizer
 
 REFERENCE = load_file(str(HERE / "reference.safetensors"))
 FOLDERS = {
@@ -34,7 +37,13 @@ FOLDERS = {
     "llama/pfeiffer": "pfeiffer",
     "bert-mlm/lora": "lora",
     "llama/lora": "lora",
+    "bert-mlm/prefix": "prefix",
+    "bert-cls/prefix": "prefix",
+    "gpt2/prefix": "prefix",
+    "llama/prefix": "prefix",
+    "llama/prefix-flat": "prefix",
 }
+GENERATING = ["gpt2/prefix", "llama/prefix", "llama/prefix-flat"]  # with AdapterHub's greedy generation logits
 TOLERANCE = 1e-5
 
 
@@ -62,7 +71,9 @@ def test_an_adapterhub_folder_gives_adapterhubs_outputs(folder):
     inputs = batch(kind)
     tuned = slimtune.load(base_model(kind), HERE / folder)
     method = tuned.method
-    assert (method.kind if FOLDERS[folder] == "lora" else method.placement) == FOLDERS[folder]
+    assert (method.kind if FOLDERS[folder] in ("lora", "prefix") else method.placement) == FOLDERS[folder]
+    if method.kind == "prefix":  # AdapterHub leaves the real tokens' positions as they are
+        assert method.positions == "from-zero"
     with torch.no_grad():
         out = tuned(**inputs, output_hidden_states=True)
     want = REFERENCE[f"{folder}.hidden"]
@@ -132,6 +143,133 @@ def test_a_store_takes_an_adapterhub_folder_and_serves_it(tmp_path):
     assert (logits - REFERENCE["bert-cls/pfeiffer.logits"]).abs().max() < TOLERANCE
 
 
+def generation_inputs(kind: str) -> dict[str, torch.Tensor]:
+    inputs = batch(kind)
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+
+def greedy_logits(bank, kind: str, users) -> torch.Tensor:
+    """[GENERATED, rows, vocab]: `Bank.generate` (transformers' generate(), the prefix put in at every step), as the
+    references were made: greedy on the raw logits, no token ending a row."""
+    config = copy.deepcopy(bank.model.generation_config)
+    config.update(do_sample=False, max_new_tokens=GENERATED, output_logits=True, return_dict_in_generate=True,
+                  pad_token_id=1, eos_token_id=NO_TOKEN)
+    out = bank.generate(**generation_inputs(kind), users=users, generation_config=config)
+    return torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("kind", ["bert-cls", "gpt2", "llama"])
+def test_adapterhub_prefix_rows_mix_with_other_methods_and_with_prefixes_that_shift_positions(kind):
+    """AdapterHub's prefix rows (real tokens from position 0) beside Houlsby rows, base rows, LoRA rows and slimtune
+    prefix rows (real tokens after the prefix) in one padded batch: each row is AdapterHub's output for it, or that
+    tuning run alone."""
+    inputs = batch(kind)
+    bank = slimtune.Bank(base_model(kind))
+    bank.add("ah-prefix", HERE / f"{kind}/prefix")
+    bank.add("houlsby", HERE / f"{kind}/houlsby")
+    torch.manual_seed(0)
+    bank.add("prefix", slimtune.PrefixTuning(length=3, reparam=None, init="random"))
+    bank.add("lora", slimtune.LoRA(rank=4))
+    perturb(bank.user_parameters("lora"), seed=3)
+    mixes = [["ah-prefix", "houlsby", "prefix", "lora"], ["prefix", "ah-prefix", None, "ah-prefix"]]
+    if kind == "llama":  # two AdapterHub prefixes of different lengths (6, 3), one made by its MLP, one flat
+        bank.add("ah-flat", HERE / "llama/prefix-flat")
+        mixes.append(["ah-flat", "prefix", "ah-prefix", "ah-flat"])
+    with torch.no_grad():
+        alone = {u: bank(**inputs, users=[u] * 4, output_hidden_states=True).hidden_states[-1] for u in ("prefix", "lora")}
+    want = {"ah-prefix": REFERENCE[f"{kind}/prefix.hidden"], "ah-flat": REFERENCE.get("llama/prefix-flat.hidden"),
+            "houlsby": REFERENCE[f"{kind}/houlsby.hidden"], None: REFERENCE[f"{kind}.base.hidden"], **alone}
+    for users in mixes:
+        with torch.no_grad():
+            mixed = bank(**inputs, users=users, output_hidden_states=True)
+        for row, user in enumerate(users):
+            mask = inputs["attention_mask"][row:row + 1]
+            assert gap(mixed.hidden_states[-1][row:row + 1], want[user][row:row + 1], mask) < TOLERANCE, (users, user)
+            if kind == "bert-cls" and user in ("ah-prefix", "houlsby"):
+                folder = f"{kind}/{user.removeprefix('ah-')}"
+                assert (mixed.logits[row] - REFERENCE[f"{folder}.logits"][row]).abs().max() < TOLERANCE
+    assert gap(alone["prefix"], REFERENCE[f"{kind}.base.hidden"], inputs["attention_mask"]) > 0.1
+
+
+@pytest.mark.parametrize("folder", GENERATING)
+def test_generating_with_an_adapterhub_prefix_gives_adapterhubs_logits(folder):
+    """transformers' generate() through the bank, from left-padded rows: the positions of each new token follow
+    the mask, with nothing added for the prefix."""
+    kind = folder.split("/")[0]
+    tuned = slimtune.load(base_model(kind), HERE / folder)
+    got = greedy_logits(tuned.bank, kind, ["default"] * 4)
+    assert (got - REFERENCE[f"{folder}.generate.logits"]).abs().max() < TOLERANCE
+
+
+def engine_logits(engine: Engine, kind: str, users) -> list[torch.Tensor]:
+    """Each row's [GENERATED, vocab] logits from the engine (its KV cache: a prefix goes in once, at prefill),
+    the rows streamed together."""
+    inputs = generation_inputs(kind)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
+    handles = [engine.stream(user, prompts[row % 4], max_new_tokens=GENERATED, keep_logits=True, ignore_eos=True)
+               for row, user in enumerate(users)]
+    return [h.result().logits for h in handles]
+
+
+@pytest.mark.parametrize("kind, compile", [("gpt2", None), ("llama", None), ("llama", "aot_eager")])
+def test_the_engine_decodes_adapterhub_prefix_rows_from_the_cache_as_adapterhub_generates(kind, compile):
+    """In the engine the prefix is k cache columns before the row's tokens; decoding steps count positions from
+    the mask less those k columns for AdapterHub's rows, not for slimtune's. A mix of both, LoRA and base rows,
+    eager and compiled: each row's logits are AdapterHub's, or transformers' generate() of that tuning."""
+    model = base_model(kind)
+    if compile:  # the compiled step's masks are boolean, as sdpa takes them (eager attention would add them)
+        model.set_attn_implementation("sdpa")
+    engine = Engine(model, vocab_tokenizer(), compile=compile)
+    if compile:  # each new batch shape's first step waits for its graph: every step runs compiled
+        engine._captured.background = False
+    engine.add("ah-prefix", HERE / f"{kind}/prefix")
+    torch.manual_seed(0)
+    engine.add("prefix", slimtune.PrefixTuning(length=3, reparam=None, init="random"))
+    engine.add("lora", slimtune.LoRA(rank=4))
+    perturb(engine.bank.user_parameters("lora"), seed=3)
+    users = ["ah-prefix", "prefix", "ah-prefix", None, "lora", "ah-prefix", "prefix", "ah-prefix"]
+    want = {"ah-prefix": REFERENCE[f"{kind}/prefix.generate.logits"]}
+    want.update({u: greedy_logits(engine.bank, kind, [u] * 4) for u in ("prefix", None, "lora")})
+    try:
+        got = engine_logits(engine, kind, users)
+        if compile:
+            assert engine.stats.compiled_steps == engine.stats.steps > 0
+    finally:
+        engine.close()
+    for row, user in enumerate(users):
+        assert (got[row] - want[user][:, row % 4]).abs().max() < TOLERANCE, (row, user)
+    assert (want["prefix"] - want[None]).abs().max() > 0.1
+
+
+def test_a_reloaded_adapterhub_prefix_keeps_its_positions_and_its_logits(tmp_path):
+    inputs = batch("llama")
+    tuned = slimtune.load(base_model("llama"), HERE / "llama/prefix")
+    tuned.save(tmp_path / "saved")
+    again = slimtune.load(base_model("llama"), tmp_path / "saved")
+    assert again.method == tuned.method and again.method.positions == "from-zero"
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, tuned(**inputs).logits)
+    with pytest.raises(TuningError, match="positions='from-zero'"):  # PEFT's real tokens follow its prefix
+        tuned.save(tmp_path / "peft", format="peft")
+
+
+def test_a_store_takes_an_adapterhub_prefix_folder(tmp_path):
+    store = slimtune.Store(tmp_path / "store", base_model("bert-cls"))
+    store.add("alice", HERE / "bert-cls/prefix")
+    tuned = slimtune.load(base_model("bert-cls"), store.entry("alice").path)
+    with torch.no_grad():
+        logits = tuned(**batch("bert-cls")).logits
+    assert (logits - REFERENCE["bert-cls/prefix.logits"]).abs().max() < TOLERANCE
+
+
+def test_a_prefix_without_positions_is_refused_on_sliding_window_layers():
+    with pytest.raises(TuningError, match="sliding window"):
+        slimtune.attach(build("gemma3"), slimtune.PrefixTuning(length=2, reparam=None, init="random",
+                                                               positions="from-zero"))
+    with pytest.raises(TuningError, match="positions must be one of"):
+        slimtune.PrefixTuning(positions="before")
+
+
 def copy_with_config(tmp_path, folder: str, **changes):
     """A copy of a fixture folder with settings of its adapter config changed."""
     out = tmp_path / folder.replace("/", "-")
@@ -153,7 +291,7 @@ def copy_with_config(tmp_path, folder: str, **changes):
     ({"mh_adapter": True}, "after attention too"),
     ({"non_linearity": "gelu_new"}, "non_linearity 'gelu_new'"),
     ({"leave_out": [0, 7]}, "cannot express"),
-    ({"architecture": "prefix_tuning"}, "positions"),
+    ({"architecture": "prompt_tuning"}, "prompt tuning"),
     ({"architecture": "union"}, "ConfigUnion"),
 ])
 def test_what_has_no_equivalent_is_refused_with_its_option_named(tmp_path, changes, refused):
@@ -162,9 +300,33 @@ def test_what_has_no_equivalent_is_refused_with_its_option_named(tmp_path, chang
         slimtune.load(base_model("bert-mlm"), folder)
 
 
-def test_adapterhubs_own_prefix_tuning_folder_is_refused_saying_why():
-    with pytest.raises(TuningError, match="prefix tuning: AdapterHub keeps the real tokens at positions 0"):
-        slimtune.load(base_model("bert-mlm"), HERE / "bert-mlm/prefix")
+@pytest.mark.parametrize("changes, refused", [
+    ({"use_gating": True}, "use_gating"),
+    ({"leave_out": [0]}, "leave_out"),
+    ({"non_linearity": "mish"}, "non_linearity 'mish'"),
+    ({"flat": True}, "does not fit its config"),
+])
+def test_prefix_options_without_an_equivalent_are_refused(tmp_path, changes, refused):
+    folder = copy_with_config(tmp_path, "bert-mlm/prefix", **changes)
+    with pytest.raises(TuningError, match=refused):
+        slimtune.load(base_model("bert-mlm"), folder)
+
+
+def test_cross_attention_prefixes_are_refused(tmp_path):
+    folder = copy_with_config(tmp_path, "gpt2/prefix")
+    tensors = torch.load(folder / "pytorch_adapter.bin", weights_only=True)
+    torch.save({k.replace(".self_prefix.", ".cross_prefix."): v for k, v in tensors.items()},
+               folder / "pytorch_adapter.bin")
+    with pytest.raises(TuningError, match="location 'cross_prefix'"):
+        slimtune.load(base_model("gpt2"), folder)
+
+
+def test_a_prefix_for_another_shape_of_model_is_a_model_mismatch():
+    model = base_model("llama")
+    model.model.layers = model.model.layers[:1]  # one layer: the prefix holds two layers' keys and values
+    model.config.num_hidden_layers = 1
+    with pytest.raises(ModelMismatchError, match="this model needs"):
+        slimtune.load(model, HERE / "llama/prefix")
 
 
 @pytest.mark.parametrize("changes, refused", [

@@ -12,6 +12,13 @@ Only what slimtune computes as AdapterHub does is read; anything else is refused
   weights.
 - LoRA (`LoRAConfig`, composition "add"): `<module>.loras.<name>.lora_A` [r, in] and `.lora_B` [out, r], scaled
   by alpha / r, are slimtune's `<module>.lora_A` / `.lora_B`.
+- Prefix tuning (`PrefixTuningConfig`): one pool module per model, `prefix_tunings.<name>.self_prefix`, makes every
+  layer's prefix at once: P = Linear_2(σ(Linear_1(E))) with E the embedding `wte` [k, hidden] (`control_trans.0`
+  and `.2`; σ the `non_linearity`), or P saved as is (`flat=True`, `control_trans` [k · layers · 2 · kv_heads ·
+  head_dim]); per prefix position: layer, then key/value, then head, then head size. P is computed here once, in
+  evaluation (no dropout), and read as slimtune's `<attention>.prefix` [2, kv_heads, k, head_dim] of a
+  `PrefixTuning(positions="from-zero")`: AdapterHub only concatenates P before each layer's keys and values (after
+  RoPE, unrotated) and widens the mask with k visible columns, leaving the real tokens' positions as they are.
 - A static head (an HF model class with its own head, `head_config.json` whose `config` is null): its weights
   (`classifier.weight`, ...) are the tuning's head.
 """
@@ -30,8 +37,9 @@ from torch import nn
 
 from . import modules, storage
 from .errors import ModelMismatchError, TuningError, TuningFileError
-from .methods import Adapter, LoRA, Method
+from .methods import Adapter, LoRA, Method, PrefixTuning
 from .methods.adapter import adapter_layers
+from .methods.prefix import PrefixComponent
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
@@ -62,10 +70,17 @@ LORA_REFUSED = {
     "vera_d": (None, "vera_d (VeRA)"),
     "vera_b": (None, "vera_b (VeRA)"),
 }
-# Architectures other than adapters and LoRA, by AdapterHub's `architecture` field.
+PREFIX_REFUSED = {
+    "use_gating": (False, "use_gating (prefix gates computed from each layer's input, UniPELT)"),
+}
+# The prefix MLP's activations (transformers' `get_activation`, AdapterHub's "leakyrelu"), computed once at load.
+PREFIX_ACTIVATIONS = {
+    "tanh": torch.tanh, "relu": nn.functional.relu, "gelu": nn.functional.gelu, "swish": nn.functional.silu,
+    "silu": nn.functional.silu, "gelu_new": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "leakyrelu": nn.functional.leaky_relu,
+}
+# Architectures other than adapters, LoRA and prefix tuning, by AdapterHub's `architecture` field.
 OTHER_ARCHITECTURES = {
-    "prefix_tuning": "prefix tuning: AdapterHub keeps the real tokens at positions 0.., slimtune (as Li & Liang and "
-                     "PEFT) puts them after the prefix, so the outputs would differ; retrain it with PrefixTuning",
     "prompt_tuning": "prompt tuning",
     "union": "a ConfigUnion (several methods at once, e.g. MAM or UniPELT)",
     "reft": "ReFT",
@@ -91,12 +106,15 @@ def read(folder: str | os.PathLike, config: dict, model: nn.Module) -> tuple[Met
         raise TuningFileError(f"{where}: 'name' in {CONFIG} must be the adapter's name, got {str(name)[:40]!r}")
     _check_model(config, model, where)
     architecture = inner.get("architecture")
-    if architecture in OTHER_ARCHITECTURES or architecture not in (None, "bottleneck", "lora"):
+    if architecture in OTHER_ARCHITECTURES or architecture not in (None, "bottleneck", "lora", "prefix_tuning"):
         what = OTHER_ARCHITECTURES.get(architecture, f"architecture {str(architecture)[:40]!r}")
-        raise TuningError(f"{where} holds {what}; slimtune reads AdapterHub's bottleneck adapters and LoRA")
+        raise TuningError(f"{where} holds {what}; slimtune reads AdapterHub's bottleneck adapters, LoRA and prefix "
+                          "tuning")
     tensors = _read_weights(folder, WEIGHTS, where)
     if architecture == "lora":
         method, state = _read_lora(inner, name, tensors, model, where)
+    elif architecture == "prefix_tuning":
+        method, state = _read_prefix(inner, config, name, tensors, model, where)
     else:
         method, state = _read_bottleneck(inner, config, name, tensors, model, where)
     state.update({f"head.{k}": v for k, v in _read_head(folder, model, where).items()})
@@ -169,11 +187,16 @@ def _placement(inner: dict, where: str) -> str:
     return "pfeiffer"
 
 
-def _activation(inner: dict, config: dict, where: str) -> str:
+def _activation_name(inner: dict, config: dict):
     name = inner.get("non_linearity")
     name = name.lower() if isinstance(name, str) else name
     if "version" not in config:  # adapter-transformers 2 named the tanh approximation "gelu", as AdapterHub reads it
         name = {"gelu": "gelu_new", "gelu_orig": "gelu"}.get(name, name)
+    return name
+
+
+def _activation(inner: dict, config: dict, where: str) -> str:
+    name = _activation_name(inner, config)
     if name not in ACTIVATIONS:
         raise TuningError(f"{where} uses non_linearity {str(name)[:40]!r}; slimtune's adapters have "
                           f"{', '.join(ACTIVATIONS)}")
@@ -323,6 +346,92 @@ def _module_for(path: str, found: dict[str, nn.Module], where: str) -> str:
         raise ModelMismatchError(f"{where} has LoRA weights for {path!r}, which is no layer of this model; was it made "
                                  "for another architecture?")
     return matches[0]
+
+
+# --- prefix tuning -------------------------------------------------------------------------------------------
+
+PREFIX_KEY = r"(?:.+\.)?prefix_tunings\.{name}\.([^.]+)\.(wte\.weight|control_trans(?:\.[02]\.(?:weight|bias))?)"
+PREFIX_PARTS = {False: ("wte.weight", "control_trans.0.weight", "control_trans.0.bias", "control_trans.2.weight",
+                        "control_trans.2.bias"), True: ("control_trans",)}
+
+
+def _read_prefix(inner: dict, config: dict, name: str, tensors: dict, model: nn.Module, where: str
+                 ) -> tuple[PrefixTuning, dict[str, torch.Tensor]]:
+    """AdapterHub's prefix, computed once (see the module's docstring), as a PrefixTuning(positions='from-zero')."""
+    _refuse(inner, PREFIX_REFUSED, where)
+    if inner.get("leave_out"):
+        raise TuningError(f"{where} leaves out layers (`leave_out`: {str(inner['leave_out'])[:40]}); slimtune's prefix "
+                          "is at every self-attention layer")
+    if modules.is_encoder_decoder(model):
+        raise TuningError(f"{where}: AdapterHub's prefixes on an encoder-decoder model (`encoder_prefix`, `cross_prefix`: "
+                          "encoder, decoder and cross-attention prefixes of their own) have no equivalent in slimtune")
+    flat, k = inner.get("flat", False), inner.get("prefix_length")
+    if not isinstance(flat, bool) or not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise TuningFileError(f"{where}: a prefix tuning needs flat (true or false) and a positive prefix_length, got "
+                              f"flat={str(flat)[:20]!r}, prefix_length={str(k)[:20]!r}")
+    activation = PREFIX_ACTIVATIONS.get(_activation_name(inner, config))
+    if activation is None and not flat:
+        raise TuningError(f"{where} uses non_linearity {str(inner.get('non_linearity'))[:40]!r} in its prefix MLP; "
+                          f"slimtune computes {', '.join(PREFIX_ACTIVATIONS)}")
+    if inner.get("dropout"):
+        warnings.warn(f"{where} trains with dropout on its prefix; slimtune's prefix has none (it does nothing in "
+                      "evaluation)", stacklevel=4)
+    parts = _prefix_parts(tensors, name, flat, where)
+    component = PrefixComponent(model)
+    try:
+        shapes = component.shapes()
+    finally:
+        component.close()  # only its sites were needed: drop its position hook
+    if len(set(shapes.values())) != 1:
+        raise TuningError(f"{where}: this model's layers have different key/value shapes {sorted(set(shapes.values()))}; "
+                          "AdapterHub's prefix has one shape for every layer")
+    (kv, head_dim), layers = next(iter(shapes.values())), len(shapes)
+    size = layers * 2 * kv * head_dim
+    if flat:
+        table = parts["control_trans"]
+        if table.shape != (k * size,):
+            raise ModelMismatchError(f"{where}: its prefix has {table.numel()} values, this model needs {k * size} "
+                                     f"(prefix_length {k} x {layers} layers x 2 x {kv} key/value heads x {head_dim})")
+    else:
+        embedding = parts["wte.weight"]
+        hidden = tuple(parts["control_trans.0.weight"].shape)
+        if embedding.shape[0] != k or parts["control_trans.2.weight"].shape[0] != size:
+            raise ModelMismatchError(f"{where}: its prefix MLP makes {parts['control_trans.2.weight'].shape[0]} values "
+                                     f"at {embedding.shape[0]} positions, this model needs {size} (layers x 2 x "
+                                     f"key/value heads x head size) at prefix_length {k}")
+        if inner.get("bottleneck_size", hidden[0]) != hidden[0] or hidden[1] != embedding.shape[1]:
+            raise TuningFileError(f"{where}: its prefix MLP's first layer has shape {hidden}, its config and embedding "
+                                  "say otherwise")
+        with torch.no_grad():  # AdapterHub's PrefixTuning.forward in evaluation, once
+            h = activation(nn.functional.linear(embedding.float(), parts["control_trans.0.weight"].float(),
+                                                parts["control_trans.0.bias"].float()))
+            table = nn.functional.linear(h, parts["control_trans.2.weight"].float(), parts["control_trans.2.bias"].float())
+    table = table.float().reshape(k, layers, 2, kv, head_dim).permute(1, 2, 3, 0, 4)
+    state = {f"{site}.prefix": table[i].contiguous() for i, site in enumerate(shapes)}
+    return PrefixTuning(length=k, reparam=None, init="random", positions="from-zero"), state
+
+
+def _prefix_parts(tensors: dict, name: str, flat: bool, where: str) -> dict[str, torch.Tensor]:
+    """The pool's tensors by part (each saved once per layer too, as the same module: the copies must agree)."""
+    key = re2.compile(PREFIX_KEY.format(name=re2.escape(name)))
+    parts: dict[str, torch.Tensor] = {}
+    for k, tensor in tensors.items():
+        found = key.fullmatch(k)
+        if found is None:
+            raise TuningError(f"{where}: tensor {k!r} is not part of a prefix tuning named {name!r}")
+        location, part = found.group(1), found.group(2)
+        if location != "self_prefix":
+            raise TuningError(f"{where} has prefixes at AdapterHub location {location[:40]!r} (e.g. cross_prefix: "
+                              "cross-attention prefixes); slimtune reads self-attention prefixes (self_prefix)")
+        if part not in PREFIX_PARTS[flat]:
+            raise TuningError(f"{where}: tensor {k!r} does not fit its config (flat={str(flat).lower()})")
+        if part in parts and not torch.equal(parts[part], tensor):
+            raise TuningFileError(f"{where}: the copies of its prefix's {part} differ")
+        parts[part] = tensor
+    missing = [p for p in PREFIX_PARTS[flat] if p not in parts]
+    if missing:
+        raise TuningError(f"{where} holds no prefix tuning named {name!r} (missing {', '.join(missing)})")
+    return parts
 
 
 # --- heads ---------------------------------------------------------------------------------------------------

@@ -325,11 +325,19 @@ class Bank(nn.Module):
         routing = self._routing(users, input_ids.shape[0], input_ids.device, decoding=True)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_positions:
-            inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            inputs["position_ids"] = positions - self.unpositioned_columns(users, positions.device)[:, None]
         with routed(routing):
             self._start(routing)
             out = self.model(**inputs, **self._cached(cache))
         return out.logits[:, -1]
+
+    def unpositioned_columns(self, users: Sequence[str | None], device: torch.device) -> torch.Tensor:
+        """[B]: per row, the cache columns that its tuning wrote at prefill and that take no position (a prefix with
+        positions='from-zero'), to leave out of the positions a decoding step counts from the mask."""
+        columns = {u: sum(p.unpositioned_columns(u) for p in self._parts_of(u) if p.lives_in_cache)
+                   for u in set(users) if u is not None}
+        return torch.tensor([columns.get(u, 0) for u in users], dtype=torch.long, device=device)
 
     def _cached(self, cache: Any) -> dict:
         """The cache keyword (`cache` from transformers 5.24, `past_key_values` before) and one logit column."""

@@ -484,6 +484,10 @@ def _prompt_folder(tuned, method: PromptTuning, state: dict) -> tuple[dict, dict
 
 
 def _prefix_folder(tuned, method: PrefixTuning, state: dict) -> tuple[dict, dict]:
+    if method.positions != "after-prefix":
+        raise TuningError(f"this prefix tuning keeps the real tokens at positions 0.. (positions={method.positions!r}, "
+                          "as AdapterHub's); PEFT's prefix tuning puts them after the prefix, so it would compute "
+                          "something else; save it with format='slimtune'")
     model = tuned.model
     names, kv, head_dim = _prefix_sites(model, "prefix tuning in PEFT's format")
     k = method.length

@@ -285,6 +285,11 @@ class Component(nn.Module):
         one, and return the mask over the widened cache."""
         raise NotImplementedError
 
+    def unpositioned_columns(self, user: str) -> int:
+        """How many of the cache columns `into_cache` wrote for `user`'s rows take no position: a decoding step,
+        which counts each row's positions from its mask over the cache, leaves them out."""
+        return 0
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()

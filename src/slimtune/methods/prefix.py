@@ -15,13 +15,17 @@ own implementation (sdpa, eager, ...), and the wrapper prepends the prefix rows 
 widens the mask. Nothing goes through `past_key_values` or cache objects, so cache-class changes
 cannot break it, and gradient checkpointing works.
 
-Positions: the prefix occupies positions 0..k-1 and the real tokens follow (their
-`position_ids` are offset by k, by a forward pre-hook), so a prefix made of the keys and values
-the frozen model computes for a real text (`init="text"`) reproduces the frozen model run on
-`text + x` exactly, on decoders. T5's relative position bias gives the prefix columns no bias.
-On sliding-window layers (Gemma 3, Mistral) the window applies to the prefix too, counted in
-positions: a query at position p sees prefix position j only if p - j < window, as it would see
-that text in the sequence.
+Positions, `positions="after-prefix"` (Li & Liang, PEFT): the prefix occupies positions 0..k-1
+and the real tokens follow (their `position_ids` are offset by k, by a forward pre-hook), so a
+prefix made of the keys and values the frozen model computes for a real text (`init="text"`)
+reproduces the frozen model run on `text + x` exactly, on decoders. `positions="from-zero"`
+(AdapterHub's prefix tuning): the real tokens keep the positions 0.. they have without a prefix,
+and the prefix takes none; in the KV cache its k columns are then left out of the positions
+counted from the mask (`unpositioned_columns`). The two mix row by row in one batch. T5's
+relative position bias gives the prefix columns no bias. On sliding-window layers (Gemma 3,
+Mistral) the window applies to the prefix too, counted in positions: a query at position p sees
+prefix position j only if p - j < window, as it would see that text in the sequence (so
+"from-zero", where the prefix has no positions, is refused there).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
     from ..data import Task
 
 INITS = ("vocab", "text", "random")
+POSITIONS = ("after-prefix", "from-zero")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class PrefixTuning(Method):
     init: str = "vocab"
     text: str | None = None
     vocab_top: int = 5000
+    positions: str = "after-prefix"  # the real tokens' positions: after the prefix's k, or from 0 (AdapterHub)
 
     def __post_init__(self):
         if self.length < 1:
@@ -77,6 +83,14 @@ class PrefixTuning(Method):
             raise TuningError(f"PrefixTuning init must be one of {INITS}, got {self.init!r}")
         if self.init == "text" and not self.text:
             raise TuningError("PrefixTuning(init='text') needs text='...'")
+        if self.positions not in POSITIONS:
+            raise TuningError(f"PrefixTuning positions must be one of {POSITIONS} (the real tokens' positions: after "
+                              f"the prefix's, or from 0 as in AdapterHub), got {self.positions!r}")
+
+    @property
+    def position_shift(self) -> int:
+        """How far the prefix moves the real tokens' positions."""
+        return self.length if self.positions == "after-prefix" else 0
 
     def learning_rate(self, study: bool = False) -> float:
         if self.reparam == "mlp":
@@ -267,7 +281,18 @@ class PrefixComponent(Component):
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {name: (h, d) for name, h, d in self.sites.values()}
 
+    def _check_positions(self, method: PrefixTuning) -> None:
+        config = modules.text_config(self.model)
+        window = getattr(config, "sliding_window", None)
+        sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ()) or (
+            window and getattr(config, "use_sliding_window", True))
+        if method.positions == "from-zero" and sliding:
+            raise TuningError(f"PrefixTuning(positions='from-zero') on {type(self.model).__name__}, whose layers have a "
+                              "sliding window: the window is counted in positions and this prefix has none; slimtune "
+                              "applies such a prefix on models without sliding windows only")
+
     def build(self, method: PrefixTuning, context: InitContext) -> nn.Module:
+        self._check_positions(method)
         start = None
         if method.init != "random":
             if method.init == "text":
@@ -287,6 +312,7 @@ class PrefixComponent(Component):
         }
 
     def from_state(self, method: PrefixTuning, state: dict[str, torch.Tensor]) -> nn.Module:
+        self._check_positions(method)
         k = method.length
         expect_shapes(state, {f"{n}.prefix": (2, h, k, d) for n, (h, d) in self.shapes().items()}, "PrefixTuning")
         start = {n: state[f"{n}.prefix"].float() for n in self.shapes()}
@@ -370,6 +396,11 @@ class PrefixComponent(Component):
 
     lives_in_cache = True
 
+    def unpositioned_columns(self, user: str) -> int:
+        """A prefix with positions='from-zero' takes no positions: its k cache columns count for none."""
+        method = self.methods[user]
+        return method.length - method.position_shift
+
     def into_cache(self, routing: Routing, cache: Any, mask: torch.Tensor) -> torch.Tensor:
         """Each prefix row's prefix becomes cache columns just before its first token (its valid columns only, in
         order), so decoding steps attend to it as to any cached token, with no prefix work per step. Positions
@@ -408,7 +439,8 @@ class PrefixComponent(Component):
         return torch.cat([mask.new_zeros(batch, longest), mask], dim=1).masked_fill(in_prefix, 1)
 
     def _offset_positions(self, model, args, kwargs):
-        """Real tokens follow the prefix: position_ids += k on each prefix row."""
+        """Real tokens follow the prefix: position_ids += k on each prefix row with positions='after-prefix' (by 0
+        with 'from-zero'), from positions that follow the mask when none are given."""
         routing = active()
         if routing is None or not self.shifts_positions:
             return None
@@ -418,7 +450,7 @@ class PrefixComponent(Component):
         batch, q_len = tokens.shape[:2]
         if not routing.groups(self, batch):
             return None
-        offset = routing.per_row(self, batch, lambda user: self.methods[user].length)
+        offset = routing.per_row(self, batch, lambda user: self.methods[user].position_shift)
         positions = kwargs.get("position_ids")
         if positions is None:
             mask = kwargs.get("attention_mask")
