@@ -396,3 +396,31 @@ def test_an_adapter_saved_when_pfeiffer_meant_houlsby_after_ffn_is_refused_sayin
     bank = slimtune.Bank(base_model("bert-mlm"))
     with pytest.raises(TuningError, match="now placement 'houlsby-ffn'"):
         bank.add("old", (slimtune.Adapter(size=4, placement="pfeiffer", ffn_output=old.method.ffn_output), state))
+
+
+@pytest.mark.parametrize("folder", ["llama/houlsby", "llama/lora", "llama/prefix"])
+def test_an_adapterhub_folder_uploaded_to_the_server_answers_as_loaded_alone(tmp_path, folder):
+    """POST /v1/tunings takes the AdapterHub folder's own files (adapter_config.json, pytorch_adapter.bin), and the
+    server's greedy answer is the one of that folder loaded alone."""
+    import httpx
+
+    from slimtune.keys import KeyRing
+    from slimtune.server import create_app, running
+
+    admin, prompt = "admin-key-for-tests-0123456789", "t5 t9 t20 t33"
+    with Engine(base_model("llama"), vocab_tokenizer()) as alone:
+        alone.add("t", HERE / folder)
+        want = alone.generate("t", prompt, max_new_tokens=6).text
+        assert want != alone.generate(None, prompt, max_new_tokens=6).text  # the tuning changes the answer
+    model = base_model("llama")
+    store = slimtune.Store(tmp_path / "store", model)
+    app = create_app(Engine(model, vocab_tokenizer(), store), store, KeyRing(store.path / "keys.json", admin), "tiny")
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        key = http.post("/v1/keys", headers={"Authorization": f"Bearer {admin}"}, json={}).json()["key"]
+        files = [("files", (p.name, p.read_bytes())) for p in sorted((HERE / folder).iterdir()) if p.is_file()]
+        stored = http.post("/v1/tunings", headers={"Authorization": f"Bearer {key}"}, data={"name": "mine"}, files=files)
+        assert stored.status_code == 201, stored.text
+        answer = http.post("/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": "mine", "prompt": prompt, "max_tokens": 6, "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == want
