@@ -165,6 +165,13 @@ def test_a_tuning_saved_over_a_quantised_base_holds_no_base_weight_and_reloads(f
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_parameter_report_counts_a_quantised_base_as_the_weights_it_stands_for(folder, scheme):
+    dense = slimtune.parameter_report(slimtune.attach(load_model(folder)[0], slimtune.LoRA(rank=4)))
+    packed = slimtune.parameter_report(slimtune.attach(load_model(folder, quantize=scheme)[0], slimtune.LoRA(rank=4)))
+    assert packed.total == dense.total and packed.trainable == dense.trainable
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_the_engine_serves_tunings_over_a_quantised_base_each_row_as_it_gets_alone(folder, scheme):
     model, _ = load_model(folder, quantize=scheme)
     engine = Engine(model, vocab_tokenizer(), max_batch=4)

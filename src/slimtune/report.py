@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import storage
+from . import quantize, storage
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def parameter_report(tuned: nn.Module) -> ParameterReport:
     """Count a `TunedModel`'s parameters and the bytes its saved tuning takes."""
     params = {id(p): p for p in tuned.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
+    total = quantize.parameter_count(tuned)  # a quantised base's weights counted as the weights they stand for
     record, tensors = tuned.saved_form()
     size = sum(len(part) for part in storage.serialise(record, tensors))
     return ParameterReport(tuned.method.kind, trainable, total, size)
