@@ -130,6 +130,29 @@ def test_a_key_keeps_at_most_its_quota_and_checks_one_upload_at_a_time(tmp_path)
         assert second.status_code == 429 and out[0].status_code == 201
 
 
+def test_two_servers_on_one_store_together_keep_a_key_within_its_quota(tmp_path):
+    """Uploads through two servers (replicas) at once: both pass the early check while neither has stored yet; the
+    store's lock makes the second add see the first, so the key ends with its quota, not twice it."""
+    with server(tmp_path) as a, server(tmp_path) as b:
+        a.service.max_tunings = b.service.max_tunings = 1
+        key = new_key(a.http)["key"]  # made through one, taken by both
+        folders = [save_tuning(tmp_path / f"t{i}", "lora", seed=i) for i in range(2)]
+        gates = [Gate(a.engine, "check"), Gate(b.engine, "check")]
+        try:
+            (one, got_a), (two, got_b) = [in_thread(lambda s=s, n=n, f=f: upload(httpx.Client(base_url=s.url, timeout=60),
+                                                                                 key, n, f))
+                                          for s, n, f in ((a, "x", folders[0]), (b, "y", folders[1]))]
+            assert all(gate.entered.wait(30) for gate in gates)  # both past the early count, neither stored
+        finally:
+            for gate in gates:
+                gate.restore()
+        one.join(60)
+        two.join(60)
+        statuses = sorted(r.status_code for r in got_a + got_b)
+        assert statuses == [201, 403], [r.text for r in got_a + got_b]
+        assert len([n for n in a.store.names() if not n.startswith("admin")]) == 1
+
+
 def test_the_store_and_keys_file_are_private_to_the_server(tmp_path):
     with server(tmp_path) as s:
         new_key(s.http)

@@ -12,16 +12,24 @@ on every change. The keys are 256 random bits, so a fast unsalted hash is enough
 guess one from its hash, and looking a key up by its hash takes no comparison that leaks timing.
 The file is still private (0600, and tightened to that when a `KeyRing` opens it): its key ids and
 names say who uses the server, and a key id is the prefix of its owner's tunings' names.
+
+Several servers may share the file (replicas over one store, see docs/shared-store.md): changes are
+made under an flock of ``.keys.json.lock``, to the file as it is then, so none is lost, and every
+process reads the file again at its next request once it changed: a key made or revoked by one server
+is accepted or refused by all at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,19 +90,44 @@ def read_admin_key(path: str | os.PathLike | None = None) -> str:
 
 
 class KeyRing:
-    """The admin key and the user keys (hashed, in a JSON file); safe to use from several threads."""
+    """The admin key and the user keys (hashed, in a JSON file); safe to use from several threads and processes.
+
+    Several servers may share one keys file (replicas over one store): each request re-reads the file if it
+    changed since this process last read it (one open and fstat, the file's identity compared), so a key made
+    or revoked by any process is accepted or refused by every process at its next request. Changes are made
+    under an exclusive flock of a lock file beside the keys file, on the file as it is then, so two processes
+    making keys at once lose neither.
+    """
 
     def __init__(self, path: str | os.PathLike, admin_key: str):
         self.path = Path(path)
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
         self._admin = digest(admin_key)
-        self._lock = threading.Lock()
-        self._keys: dict[str, dict] = self._load()  # id -> {"sha256", "name", "created"}
-        self._by_digest = {entry["sha256"]: key_id for key_id, entry in self._keys.items()}
+        self._lock = threading.Lock()  # one thread at a time: also what an flock emulated by POSIX locks needs
+        self._keys: dict[str, dict] = {}  # id -> {"sha256", "name", "created"}
+        self._by_digest: dict[str, str] = {}
+        self._seen: tuple | None = None  # the identity of the file `_keys` was read from; None: no file
+        with self._lock:
+            self._refresh(force=True)
 
-    def _load(self) -> dict[str, dict]:
-        if not self.path.is_file():
-            return {}
-        mode = self.path.stat().st_mode & 0o777
+    def _refresh(self, force: bool = False) -> None:
+        """Read the keys file again if it is not the one last read (it is only ever replaced, by a rename, so a
+        new inode, size or time means new contents). Under `self._lock`."""
+        try:
+            with open(self.path, "rb") as f:
+                stat = os.fstat(f.fileno())
+                seen = _identity(stat)
+                if seen == self._seen and not force:
+                    return
+                keys = self._load(f, stat.st_mode & 0o777)
+        except FileNotFoundError:
+            seen, keys = None, {}
+        except OSError as err:
+            raise KeyConfigError(f"the keys file '{self.path}' is unreadable: {err}") from err
+        self._keys, self._seen = keys, seen
+        self._by_digest = {entry["sha256"]: key_id for key_id, entry in keys.items()}
+
+    def _load(self, file, mode: int) -> dict[str, dict]:
         if mode != PRIVATE:  # written by a release that left it readable to every local user
             try:
                 self.path.chmod(PRIVATE)
@@ -102,15 +135,35 @@ class KeyRing:
                 raise KeyConfigError(f"the keys file '{self.path}' has mode {mode:#o} and cannot be made private "
                                      f"({PRIVATE:#o}): {err}; expected a file of the user running the server") from err
         try:
-            record = storage.load_json(self.path.read_bytes(), "it")
+            record = storage.load_json(file.read(), "it")
         except (OSError, TuningFileError) as err:
             raise KeyConfigError(f"the keys file '{self.path}' is unreadable: {err}") from err
         if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("keys"), dict):
             raise KeyConfigError(f"'{self.path}' is not a slimtune keys file (expected format {FORMAT!r} with a 'keys' object)")
         return record["keys"]
 
-    def _save(self) -> None:
-        record = {"format": FORMAT, "version": VERSION, "keys": self._keys}
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[dict[str, dict]]:
+        """The keys as the file holds them now, to change in the block: written back when it ends, all or nothing,
+        with every other writer (thread or process) kept out from the read to the write."""
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, PRIVATE)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._refresh()
+                keys = dict(self._keys)
+                yield keys
+                if keys != self._keys:
+                    self._save(keys)
+                    # the file just written: nobody else writes while the flock is held
+                    self._keys, self._seen = keys, _identity(os.stat(self.path))
+                    self._by_digest = {entry["sha256"]: key_id for key_id, entry in keys.items()}
+            finally:
+                os.close(lock)  # and with it the flock
+
+    def _save(self, keys: dict[str, dict]) -> None:
+        record = {"format": FORMAT, "version": VERSION, "keys": keys}
         data = storage.json_bytes(record, sort_keys=True)
         if len(data) > storage.MAX_JSON_BYTES:  # a file the next start could not read back would lock everyone out
             raise KeyConfigError(f"the keys file would be {len(data)} bytes with this change, more than the "
@@ -122,46 +175,46 @@ class KeyRing:
         hashed = digest(key)
         if hmac.compare_digest(hashed, self._admin):
             return Caller(ADMIN, admin=True)
-        key_id = self._by_digest.get(hashed)
+        with self._lock:
+            self._refresh()
+            key_id = self._by_digest.get(hashed)
         return Caller(key_id) if key_id is not None else None
 
     def create(self, name: str = "") -> tuple[str, KeyInfo]:
         """A new user key: (the key, shown once and never stored; its public info)."""
         key = "st-" + secrets.token_urlsafe(32)
-        with self._lock:
+        with self._changing() as keys:
             key_id = secrets.token_hex(6)
-            while key_id in self._keys:
+            while key_id in keys:
                 key_id = secrets.token_hex(6)
-            self._keys[key_id] = {"sha256": digest(key), "name": name, "created": int(time.time())}
-            try:
-                self._save()
-            except BaseException:
-                del self._keys[key_id]
-                raise
-            self._by_digest[digest(key)] = key_id
-        return key, self.info(key_id)
+            keys[key_id] = {"sha256": digest(key), "name": name, "created": int(time.time())}
+        return key, _info(key_id, keys[key_id])
 
     def delete(self, key_id: str) -> bool:
-        """Revoke a key at once; False if there is no such key."""
-        with self._lock:
-            entry = self._keys.pop(key_id, None)
-            if entry is None:
+        """Revoke a key at once, for every process sharing the keys file; False if there is no such key."""
+        with self._changing() as keys:
+            if keys.pop(key_id, None) is None:
                 return False
-            try:
-                self._save()
-            except BaseException:
-                self._keys[key_id] = entry
-                raise
-            self._by_digest.pop(entry["sha256"], None)
         return True
 
     def info(self, key_id: str) -> KeyInfo:
-        entry = self._keys[key_id]
-        return KeyInfo(id=key_id, name=entry.get("name", ""), created=entry.get("created", 0))
+        return _info(key_id, self._keys[key_id])
 
     def list(self) -> list[KeyInfo]:
         with self._lock:
-            return [self.info(key_id) for key_id in sorted(self._keys)]
+            self._refresh()
+            return [_info(key_id, entry) for key_id, entry in sorted(self._keys.items())]
 
     def __contains__(self, key_id: str) -> bool:
-        return key_id in self._keys
+        with self._lock:
+            self._refresh()
+            return key_id in self._keys
+
+
+def _identity(stat: os.stat_result) -> tuple:
+    """What tells one keys file from another: it is replaced (a new inode), never written in place."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _info(key_id: str, entry: dict) -> KeyInfo:
+    return KeyInfo(id=key_id, name=entry.get("name", ""), created=entry.get("created", 0))

@@ -11,7 +11,20 @@ Adding is atomic and validated: the tuning is read back from a private temporary
 method config, model fingerprint), moved to a version folder of its own, and made visible by
 one atomic `rename` of the link, so a reader sees the old whole version or the new whole one,
 never none in between, and a refused tuning leaves the store as it was. Writers (threads or
-processes) serialise on an exclusive lock on `.lock`.
+processes) serialise on an exclusive lock on `.lock`; `add(..., admit=...)` checks a quota under it.
+
+Several processes may share one store (server replicas, on one machine or several over a shared file
+system). A replaced or deleted version's folder is discarded at once, so `Store.read(name)` reads a
+tuning under a shared lock on `.lock`: it gets the old whole version or the new whole one, never half of
+one. `Store.version(name)` (one readlink) tells a process whether what it read is still current. The
+bound: once another process's `add` or `delete` has returned, every later `read`, `version`, `names` or
+`entry` in any process sees the new state.
+
+What this asks of a shared file system: flock honoured across clients (Linux NFSv4 emulates flock with
+POSIX locks, which also serve; CephFS; Lustre mounted with `-o flock`, not `localflock`), rename atomic
+within a directory, and close-to-open consistency. On NFS a client may answer a name lookup from its
+cache for up to its attribute-cache time (`acdirmax`, 60 s by default): the bound then holds after that
+delay, or at once with the store mounted `lookupcache=none` (or `actimeo=0`). See docs/shared-store.md.
 
 Private: the store, `tunings/` and `versions/` are 0700 (tightened to that when a store is opened
 with a model, as `slimtune serve` and `slimtune train` open it), and version and scratch folders are
@@ -35,13 +48,15 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from . import modules, storage
@@ -57,6 +72,12 @@ PRIVATE = 0o700  # the store's folders: their owner's only
 SCRATCH = (".staging-", ".upload-")  # the prefixes of `Store.scratch` folders, which `clean` knows
 OWNER = ".owner"  # in a scratch folder: flocked by its writer while the folder is in use
 STALE = 3600.0  # seconds untouched after which a scratch folder with no OWNER (an older release's) is dead
+
+# One thread of this process at a time holds an flock of a store's `.lock`: where flock is emulated by POSIX locks
+# (NFS), those belong to the process, so two threads' locks would not exclude each other, and closing either
+# file would drop both.
+_IN_PROCESS: dict[str, threading.Lock] = {}
+_IN_PROCESS_GUARD = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,14 @@ class StoreEntry:
     @property
     def kind(self) -> str:
         return self.method.get("kind", "")
+
+
+class StoredTuning(NamedTuple):
+    """One version of a stored tuning, read whole (`Store.read`)."""
+
+    version: str  # the id `Store.version` gives while it is current
+    record: dict  # method, model fingerprint, task, checksum
+    tensors: dict[str, torch.Tensor]
 
 
 def check_name(name: str) -> str:
@@ -94,6 +123,8 @@ class Store:
         self.model = model
         self.tunings = self.path / "tunings"
         self.versions = self.path / "versions"
+        with _IN_PROCESS_GUARD:
+            self._in_process = _IN_PROCESS.setdefault(os.path.realpath(self.path), threading.Lock())
         current = modules.fingerprint(model) if model is not None else None
         self.fingerprint = self._open(current)
         self.cleaned: list[str] = []
@@ -140,10 +171,12 @@ class Store:
                                       f"({PRIVATE:#o}): {err}; expected a store of the user opening it") from err
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, shared: bool = False) -> Iterator[None]:
+        """Hold `.lock`: exclusive for a change, `shared` for a read that no change may cut through. Not
+        re-entrant: nothing called under it may lock again (a second flock would wait for the first)."""
         self.path.mkdir(mode=PRIVATE, parents=True, exist_ok=True)
-        with open(self.path / ".lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._in_process, open(self.path / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             try:
                 yield
             finally:
@@ -168,6 +201,30 @@ class Store:
             raise UnknownUserError(f"no tuning named {name!r} in the store at '{self.path}'")
         return (self.tunings / name).resolve()
 
+    def version(self, name: str) -> str | None:
+        """The id of the version `tunings/<name>` names now, or None if there is no such tuning: one readlink,
+        to tell whether a copy read earlier (`read`) is still current or was replaced or deleted meanwhile,
+        by this process or another."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            return None
+        try:
+            folder = os.path.basename(os.readlink(self.tunings / name))
+        except OSError:  # no such link (or not a link)
+            return None
+        version = folder[len(name) + 1:]
+        return version if folder == f"{name}.{version}" and VERSION_FOLDER.fullmatch(folder) else None
+
+    def read(self, name: str) -> StoredTuning:
+        """The current version of a stored tuning, read whole (checksum checked). Under a shared lock of the
+        store: a process replacing or deleting the tuning meanwhile waits for it, so this reads the old version
+        or the new one, never half of one; `UnknownUserError` if the store holds no tuning of that name."""
+        with self._locked(shared=True):
+            version = self.version(name)
+            if version is None:
+                raise UnknownUserError(f"no tuning named {name!r} in the store at '{self.path}'")
+            record, tensors = storage.read(self.versions / f"{name}.{version}")
+        return StoredTuning(version, record, tensors)
+
     def entry(self, name: str) -> StoreEntry:
         for attempt in range(3):  # a version replaced between resolving the link and reading it: look again
             folder = self.path_of(name)
@@ -191,7 +248,8 @@ class Store:
 
     # --- changing ------------------------------------------------------------------------------
 
-    def add(self, name: str, tuning: Any, task: dict | None = None, replace: bool = False) -> StoreEntry:
+    def add(self, name: str, tuning: Any, task: dict | None = None, replace: bool = False,
+            admit: Callable[[list[StoreEntry]], None] | None = None) -> StoreEntry:
         """Store `tuning` (a saved tuning folder, slimtune's or HF PEFT's, a `TunedModel`, or a saved form:
         (record, tensors)) as `name`.
 
@@ -199,9 +257,15 @@ class Store:
         base model); if anything is wrong the store is left unchanged. An existing `name` is
         refused unless `replace=True`. `task` (e.g. {"labels": [...], "label_words": {...},
         "template": "..."}) overrides the task recorded in the tuning, if any.
+
+        `admit`, if given, is called with the store's entries as they are (a replaced version among them)
+        under the store's exclusive lock, just before the new version is made visible: whatever it raises
+        refuses the add and leaves the store as it was. No other writer, in any process, changes the store
+        between its check and the add, so it can hold a quota (e.g. the count and bytes of one owner's
+        tunings) across processes. It must not call the store's `read`, `add`, `delete` or `clean`.
         """
         check_name(name)
-        record, tensors = self._read(tuning)
+        record, tensors = self._saved_form(tuning)
         if method_from_dict(record.get("method", {})).writes_base:
             raise TuningError(f"a {record['method']['kind']} tuning is a whole model, not a tuning of this store's frozen "
                               "base model; save it with save_pretrained instead")
@@ -216,11 +280,13 @@ class Store:
                     "bytes": (staging / storage.TENSORS).stat().st_size, "created": time.time()}
             storage.atomic_write_json(staging / ENTRY, info)
             with self._locked():
-                self._check_fingerprint(stored["model"], name)
                 link = self.tunings / name
                 old = link.resolve() if name in self else None
                 if old is not None and not replace:
                     raise TuningError(f"the store already holds a tuning named {name!r}; delete it or pass replace=True")
+                if admit is not None:
+                    admit(self.list())
+                self._check_fingerprint(stored["model"], name)  # the first tuning's is written: only now
                 version = self.versions / f"{name}.{uuid.uuid4().hex[:12]}"
                 self.versions.mkdir(mode=PRIVATE, exist_ok=True)
                 (staging / OWNER).unlink()  # a version, not scratch; clean() waits for the lock, so never sees it ownerless
@@ -326,7 +392,7 @@ class Store:
         except ModelMismatchError as err:
             raise ModelMismatchError(f"{err}; this store at '{self.path}' holds tunings of that base model only") from err
 
-    def _read(self, tuning: Any) -> tuple[dict, dict]:
+    def _saved_form(self, tuning: Any) -> tuple[dict, dict]:
         from .bank import TunedModel, read_tuning
 
         if isinstance(tuning, TunedModel):
