@@ -677,7 +677,8 @@ def resident_figures(http: httpx.Client, key: str, replicas: int, within: float 
 
 def replicas_main(args) -> int:
     """`--replicas N`: the same load against the single-process server, N replicas routed by tuning, and N
-    replicas balanced without routing (round-robin-like), one after the other in one run; every answer checked."""
+    replicas balanced without routing (the less busy of two at random, Ray Serve's default), in turn, `--rounds`
+    times, in one run; every answer checked. Each configuration starts on a fresh store."""
     import ray
 
     from slimtune.serving import ray as on_ray
@@ -708,8 +709,8 @@ def replicas_main(args) -> int:
         rng.shuffle(draws)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
-            for config in configs:
-                options = ServerOptions(model=base, store=str(Path(tmp) / f"store-{config}"),
+            for round_, config in [(r, c) for r in range(args.rounds) for c in configs]:
+                options = ServerOptions(model=base, store=str(Path(tmp) / f"store-{config}-{round_}"),
                                         max_resident=args.max_resident, max_batch=args.max_batch)
                 if config == "single":
                     server = running(open_app(options, ADMIN))
@@ -738,7 +739,7 @@ def replicas_main(args) -> int:
                 latencies = [r["seconds"] for r in results if "error" not in r]
                 loads = sum(f.get("tuning_loads", 0) for f in after.values()) - sum(
                     f.get("tuning_loads", 0) for f in before.values())
-                report["configs"][config] = {
+                report["configs"].setdefault(config, []).append({
                     "answered": len(results), "errors": len(errors), "wrong_answers": len(wrong),
                     "first_errors": errors[:5], "timed_out": load["timed_out"], "wall_seconds": round(load["seconds"], 2),
                     "requests_per_second": round(len(latencies) / load["seconds"], 2),
@@ -746,14 +747,18 @@ def replicas_main(args) -> int:
                                         "p99": round(percentile(latencies, 99), 4)} if latencies else None,
                     "tuning_loads_during_load": int(loads),
                     "residency_hit_rate": round(1 - loads / max(1, len(latencies)), 3),
-                    "per_replica_after": after}
-                print(config, json.dumps(report["configs"][config]), flush=True)
+                    "per_replica_after": after})
+                print(config, json.dumps(report["configs"][config][-1]), flush=True)
         finally:
             ray.shutdown()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    report["median"] = {config: {figure: statistics.median(run[figure] for run in runs)
+                                 for figure in ("requests_per_second", "residency_hit_rate")}
+                        for config, runs in report["configs"].items()}
+    print(json.dumps(report["median"]))
     ok = all(c["errors"] == 0 and c["wrong_answers"] == 0 and c["answered"] == args.requests
-             for c in report["configs"].values())
+             for runs in report["configs"].values() for c in runs)
     print("OK: every answer equals its tuning's output alone, no errors" if ok else "FAILED: errors or wrong answers")
     return 0 if ok else 1
 
@@ -780,6 +785,7 @@ def main() -> int:
     p.add_argument("--replicas", type=int, default=0,
                    help="compare the single-process server with this many replicas on Ray Serve, routed by tuning and "
                         "not (the same load against each, one after the other)")
+    p.add_argument("--rounds", type=int, default=1, help="with --replicas: run the configurations in turn this many times")
     p.add_argument("--out", help="JSON results (default: bench/results/load_test_<model>.json)")
     args = p.parse_args()
     if args.replicas:

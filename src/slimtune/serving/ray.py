@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve as ray_serve
 from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from .http.app import BodyLimit, ServerOptions, open_app
 from .http.metrics import rows_since
@@ -72,12 +72,13 @@ def routing_key(method: str, path: str, headers: dict[str, str], body: bytes, ba
     return hashlib.sha256(f"{key}\0{model}".encode()).hexdigest()[:32]
 
 
-class TuningAffinity(FIFOMixin, RequestRouter):
+class TuningAffinity(RequestRouter):
     """Ray Serve's choice of replica for each request: one with a routing key goes to the replica that ranks its
     key highest (rendezvous hashing: each key's first choice is stable while the replicas stay, keys spread evenly,
     and a replica that leaves moves only its own keys), and on to the next ranked when that one is full
     (`max_ongoing_requests`), so a hot tuning spills over rather than queues. Requests without a key go to the
-    less busy of two replicas at random, as Ray Serve's default router does."""
+    less busy of two replicas at random, as Ray Serve's default router does. Not FIFO (`FIFOMixin` hands the replica
+    chosen for one request to the oldest waiting one, whatever its key): each request gets the replica chosen for it."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
