@@ -5,10 +5,11 @@
     python3 -m venv adapters-env && adapters-env/bin/pip install torch==2.13.0 && adapters-env/bin/pip install adapters==1.3.0
     adapters-env/bin/python tests/make_adapterhub_fixtures.py          # rewrites tests/fixtures/adapterhub/
 
-For each tiny random model (a BERT masked LM, a 3-label BERT classifier, GPT-2, Llama) it adds adapters of the
-kinds slimtune reads, with every weight random, saves each folder as AdapterHub does and records the model's
-outputs in eval mode (and one in training mode, dropout on) on a padded batch in `reference.safetensors`; for the
-decoders' prefix tunings also the logits of greedy generation from that batch (`generate()`, left-padded).
+For each tiny random model (a BERT masked LM, a 3-label BERT classifier, GPT-2, Llama, and the encoder-decoders
+BART, post-LN, and mBART, pre-LN) it adds adapters of the kinds slimtune reads, with every weight random, saves each
+folder as AdapterHub does and records the model's outputs in eval mode (and one in training mode, dropout on) on a
+padded batch in `reference.safetensors` (an encoder-decoder's decoder and encoder outputs); for the decoders' prefix
+tunings also the logits of greedy generation from that batch (`generate()`, left-padded).
 
 The base weights are not stored: `base_model` below fills every parameter from a generator seeded by its name,
 so slimtune's tests rebuild exactly the same model under transformers 5 (importing this file does not import
@@ -30,6 +31,10 @@ VOCAB = 96
 LENGTHS = [10, 7, 4, 1]  # a batch of 4 x 10
 TRAIN_SEED = 1234  # the dropout masks of the training-mode reference
 
+SEQ2SEQ = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+               pad_token_id=0, bos_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout=0.0,
+               attention_dropout=0.0, activation_dropout=0.0)
 MODELS = {
     "bert-mlm": ("BertConfig", "BertForMaskedLM", dict(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -44,8 +49,11 @@ MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)),
+    "bart": ("BartConfig", "BartForConditionalGeneration", dict(SEQ2SEQ)),
+    "mbart": ("MBartConfig", "MBartForConditionalGeneration", dict(SEQ2SEQ)),
 }
 DECODERS = ("gpt2", "llama")
+ENCODER_DECODERS = ("bart", "mbart")
 GENERATED = 4  # new tokens in the generation references
 NO_TOKEN = VOCAB  # their end-of-sequence id, past the vocabulary: no row ends
 
@@ -79,7 +87,8 @@ def base_model(kind: str):
 
 def batch(kind: str) -> dict[str, torch.Tensor]:
     """4 rows of real lengths 10, 7, 4, 1: padded on the right for BERT, on the left (with the position ids that
-    follow the mask) for the decoders."""
+    follow the mask) for the decoders; the encoder-decoders' decoder tokens are drawn next, of the same lengths and
+    mask, padded on the right."""
     g = torch.Generator().manual_seed(7)
     width = max(LENGTHS)
     ids = torch.full((len(LENGTHS), width), 1 if kind in DECODERS else 0)
@@ -91,13 +100,25 @@ def batch(kind: str) -> dict[str, torch.Tensor]:
     out = {"input_ids": ids, "attention_mask": mask}
     if kind in DECODERS:
         out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if kind in ENCODER_DECODERS:
+        out["decoder_input_ids"] = torch.randint(2, VOCAB, ids.shape, generator=g).masked_fill(mask == 0, 0)
+        out["decoder_attention_mask"] = mask.clone()
     return out
 
 
+def last_hidden(out) -> torch.Tensor:
+    """The last hidden state: the decoder's on an encoder-decoder."""
+    states = getattr(out, "decoder_hidden_states", None) or out.hidden_states
+    return states[-1]
+
+
 def outputs(model, inputs) -> dict[str, torch.Tensor]:
-    """The last hidden state, and a classifier's logits (a language model's follow from the hidden state)."""
+    """The last hidden state (the decoder's, and the encoder's as "encoder"), and a classifier's logits (a language
+    model's follow from the hidden state)."""
     out = model(**inputs, output_hidden_states=True)
-    kept = {"hidden": out.hidden_states[-1]}
+    kept = {"hidden": last_hidden(out)}
+    if getattr(out, "encoder_last_hidden_state", None) is not None:
+        kept["encoder"] = out.encoder_last_hidden_state
     if out.logits.dim() == 2:
         kept["logits"] = out.logits
     return {k: v.detach().contiguous() for k, v in kept.items()}
@@ -125,6 +146,10 @@ def adapter_configs():
         "llama/pfeiffer": ("llama", SeqBnConfig(reduction_factor=4), True),
         "llama/houlsby": ("llama", DoubleSeqBnConfig(reduction_factor=4, non_linearity="swish"), True),
         "llama/lora": ("llama", LoRAConfig(r=4, alpha=16), True),
+        "bart/pfeiffer": ("bart", SeqBnConfig(reduction_factor=4), True),
+        "bart/houlsby": ("bart", DoubleSeqBnConfig(reduction_factor=4, non_linearity="relu"), True),
+        "mbart/pfeiffer": ("mbart", SeqBnConfig(reduction_factor=4, non_linearity="gelu"), True),
+        "mbart/houlsby": ("mbart", DoubleSeqBnConfig(reduction_factor=4, non_linearity="relu"), True),
         "bert-mlm/prefix": ("bert-mlm", PrefixTuningConfig(prefix_length=5, bottleneck_size=16), False),
         # AdapterHub saves a prefix tuning's pool once per layer too, shared tensors that safetensors refuses: .bin
         "bert-cls/prefix": ("bert-cls", PrefixTuningConfig(prefix_length=4, bottleneck_size=8, non_linearity="relu"),

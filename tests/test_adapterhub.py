@@ -10,7 +10,17 @@ import shutil
 
 import pytest
 import torch
-from make_adapterhub_fixtures import GENERATED, HERE, NO_TOKEN, TRAIN_SEED, base_model, batch, outputs
+from make_adapterhub_fixtures import (
+    GENERATED,
+    HERE,
+    MODELS,
+    NO_TOKEN,
+    TRAIN_SEED,
+    base_model,
+    batch,
+    last_hidden,
+    outputs,
+)
 from safetensors.torch import load_file
 
 import slimtune
@@ -35,6 +45,10 @@ FOLDERS = {
     "gpt2/pfeiffer": "pfeiffer",
     "llama/houlsby": "houlsby",
     "llama/pfeiffer": "pfeiffer",
+    "bart/houlsby": "houlsby",
+    "bart/pfeiffer": "pfeiffer",
+    "mbart/houlsby": "houlsby",
+    "mbart/pfeiffer": "pfeiffer",
     "bert-mlm/lora": "lora",
     "llama/lora": "lora",
     "bert-mlm/prefix": "prefix",
@@ -54,15 +68,17 @@ def gap(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> float:
 
 def hidden(model, inputs, **extra) -> torch.Tensor:
     with torch.no_grad():
-        return model(**inputs, output_hidden_states=True, **extra).hidden_states[-1]
+        return last_hidden(model(**inputs, output_hidden_states=True, **extra))
 
 
-@pytest.mark.parametrize("kind", ["bert-mlm", "bert-cls", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", list(MODELS))
 def test_the_base_models_are_the_ones_the_references_were_made_on(kind):
     inputs = batch(kind)
     with torch.no_grad():
-        got = outputs(base_model(kind), inputs)["hidden"]
-    assert gap(got, REFERENCE[f"{kind}.base.hidden"], inputs["attention_mask"]) < TOLERANCE
+        got = outputs(base_model(kind), inputs)
+    for part in ("hidden", "encoder"):  # an encoder-decoder's encoder too
+        if part in got:
+            assert gap(got[part], REFERENCE[f"{kind}.base.{part}"], inputs["attention_mask"]) < TOLERANCE, part
 
 
 @pytest.mark.parametrize("folder", list(FOLDERS))
@@ -77,7 +93,9 @@ def test_an_adapterhub_folder_gives_adapterhubs_outputs(folder):
     with torch.no_grad():
         out = tuned(**inputs, output_hidden_states=True)
     want = REFERENCE[f"{folder}.hidden"]
-    assert gap(out.hidden_states[-1], want, inputs["attention_mask"]) < TOLERANCE
+    assert gap(last_hidden(out), want, inputs["attention_mask"]) < TOLERANCE
+    if f"{folder}.encoder" in REFERENCE:  # an encoder-decoder: the encoder's own output too
+        assert gap(out.encoder_last_hidden_state, REFERENCE[f"{folder}.encoder"], inputs["attention_mask"]) < TOLERANCE
     assert gap(REFERENCE[f"{kind}.base.hidden"], want, inputs["attention_mask"]) > 0.1  # the adapter does something
     if kind == "bert-cls":  # the head came with it
         assert (out.logits - REFERENCE[f"{folder}.logits"]).abs().max() < TOLERANCE
@@ -108,7 +126,7 @@ def test_pfeiffer_is_not_houlsby_after_the_feed_forward_block():
     assert gap(hidden(other, inputs), REFERENCE["bert-mlm/pfeiffer.hidden"], inputs["attention_mask"]) > 0.1
 
 
-@pytest.mark.parametrize("kind", ["bert-cls", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["bert-cls", "gpt2", "llama", "bart", "mbart"])
 def test_adapterhub_rows_in_a_mixed_batch_equal_each_alone(kind):
     """Rows of a Houlsby user, a Pfeiffer user, the base model and a slimtune LoRA user in one batch: each row is
     AdapterHub's output for it (or the LoRA alone)."""
@@ -124,10 +142,10 @@ def test_adapterhub_rows_in_a_mixed_batch_equal_each_alone(kind):
         mixed = bank(**inputs, users=users, output_hidden_states=True)
         lora = bank(**inputs, users=["lora"] * 4, output_hidden_states=True)
     want = {"houlsby": REFERENCE[f"{kind}/houlsby.hidden"], "pfeiffer": REFERENCE[f"{kind}/pfeiffer.hidden"],
-            None: REFERENCE[f"{kind}.base.hidden"], "lora": lora.hidden_states[-1]}
+            None: REFERENCE[f"{kind}.base.hidden"], "lora": last_hidden(lora)}
     for row, user in enumerate(users):
         mask = inputs["attention_mask"][row:row + 1]
-        assert gap(mixed.hidden_states[-1][row:row + 1], want[user][row:row + 1], mask) < TOLERANCE, user
+        assert gap(last_hidden(mixed)[row:row + 1], want[user][row:row + 1], mask) < TOLERANCE, user
         if kind == "bert-cls" and user in ("houlsby", "pfeiffer"):
             assert (mixed.logits[row] - REFERENCE[f"{kind}/{user}.logits"][row]).abs().max() < TOLERANCE
 

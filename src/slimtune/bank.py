@@ -46,6 +46,7 @@ class Bank(nn.Module):
         self.parts = nn.ModuleDict()  # method kind -> Component holding every user of that method
         self._methods: dict[str, Method] = {}
         self._takes_positions = modules.accepts(model, "position_ids")
+        self._first_position = modules.position_start(model)
         self._pads_left = modules.is_causal_decoder(model)
         self._encoder_decoder = modules.is_encoder_decoder(model)
         self.fingerprint = modules.fingerprint(model)  # taken before any training (a full fine-tune changes the weights)
@@ -245,7 +246,7 @@ class Bank(nn.Module):
         if kwargs.get("position_ids") is None and self._takes_positions:
             # As generate() does, so a padded row gets the positions it would get alone.
             mask = kwargs["attention_mask"]
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = modules.mask_positions(mask, self._first_position)
         return kwargs, starts, length
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -325,7 +326,7 @@ class Bank(nn.Module):
         routing = self._routing(users, input_ids.shape[0], input_ids.device, decoding=True)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self._takes_positions:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            positions = modules.mask_positions(attention_mask, self._first_position)[:, -input_ids.shape[1]:]
             inputs["position_ids"] = positions - self.unpositioned_columns(users, positions.device)[:, None]
         with routed(routing):
             self._start(routing)

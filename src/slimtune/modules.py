@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import re2
 import torch
@@ -51,14 +52,35 @@ RESIDUAL_DROPOUTS: list[tuple[str, str]] = [
     (r"(.*\.layer\.\d+)\.(?:SelfAttention\.o|EncDecAttention\.o|DenseReluDense\.wo)", r"\1.dropout"),  # T5
 ]
 
+# Layers of fc1, fc2 and final_layer_norm come in both orders: pre-LN (the norm before fc1, the layer's output the
+# residual sum) and post-LN (the norm after fc2's residual add). The names cannot tell them apart; the config can:
+# OPT's `do_layer_norm_before` (false on opt-350m), BART's and mBART's model type. A model type not listed here is
+# not guessed: Pfeiffer's adapter is refused there.
+FC2_PRE_LN = {"bart": False, "mbart": True}
+
+
+def fc2_pre_ln(config: Any) -> bool | None:
+    """Whether a model's fc1/fc2/final_layer_norm layers are pre-LN (True) or post-LN (False); None where not known."""
+    if config.model_type == "opt":
+        return bool(config.do_layer_norm_before)
+    return FC2_PRE_LN.get(config.model_type)
+
+
+def any_config(config: Any) -> bool:
+    return True
+
+
 # Where a feed-forward block's output joins the residual stream, by the name of its output layer: on a post-LN
 # layer the LayerNorm of (residual + output) ("norm"), on a pre-LN one the module whose output is that sum
-# ("stream"). Pfeiffer's adapter reads there.
-FFN_RESIDUALS: list[tuple[str, str, str]] = [
-    (r"(.*\.h\.\d+)\.mlp\.c_proj", "stream", r"\1"),  # GPT-2: the block's output
-    (r"(.*\.layers\.\d+)\.mlp\.down_proj", "stream", r"\1"),  # Llama family (Gemma: after its post-FFN norm)
-    (r"(.*\.layer\.\d+\.output)\.dense", "norm", r"\1.LayerNorm"),  # BERT family
-    (r"(.*\.layer\.\d+)\.DenseReluDense\.wo", "stream", r"\1"),  # T5: T5LayerFF's output
+# ("stream"), on models whose config the entry's last element accepts. Pfeiffer's adapter reads there.
+FFN_RESIDUALS: list[tuple[str, str, str, Callable[[Any], bool]]] = [
+    (r"(.*\.h\.\d+)\.mlp\.c_proj", "stream", r"\1", any_config),  # GPT-2: the block's output
+    # Llama family (Mistral, Qwen; Gemma: after its post-FFN norm)
+    (r"(.*\.layers\.\d+)\.mlp\.down_proj", "stream", r"\1", any_config),
+    (r"(.*\.layer\.\d+\.output)\.dense", "norm", r"\1.LayerNorm", any_config),  # BERT family (RoBERTa)
+    (r"(.*\.layer\.\d+)\.DenseReluDense\.wo", "stream", r"\1", any_config),  # T5: T5LayerFF's output
+    (r"(.*\.layers\.\d+)\.fc2", "norm", r"\1.final_layer_norm", lambda c: fc2_pre_ln(c) is False),  # BART, opt-350m
+    (r"(.*\.layers\.\d+)\.fc2", "stream", r"\1", lambda c: fc2_pre_ln(c) is True),  # mBART, OPT: the layer's output
 ]
 
 # Task heads that `AutoModelFor...` creates new (randomly initialised) on top of a pretrained body.
@@ -197,13 +219,30 @@ def residual_dropout(model: nn.Module, name: str) -> str:
     return name
 
 
+def position_start(model: nn.Module) -> int:
+    """The position id of a sequence's first token: 0, or `padding_idx + 1` where the position embedding reserves the
+    ids up to its padding index (RoBERTa and its family, which count positions from there)."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return module.padding_idx + 1
+    return 0
+
+
+def mask_positions(mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Each row's position ids as its mask gives them, from `start` at its first real token (as generate() does, so
+    a padded row gets the positions it would get alone); padding at `start - 1`, the padding index, where there is
+    one (as RoBERTa gives it)."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + start
+    return positions.masked_fill(mask == 0, start - 1) if start > 0 else positions
+
+
 def ffn_residual(model: nn.Module, name: str) -> tuple[str, bool] | None:
     """Where the output of feed-forward output layer `name` joins the residual stream (see `FFN_RESIDUALS`):
     (module name, True) for the LayerNorm of a post-LN layer, (module name, False) for the module whose output is
     the residual sum on a pre-LN one; None where this is not known."""
-    found = dict(model.named_modules())
-    for pattern, kind, target in FFN_RESIDUALS:
-        if re2.fullmatch(pattern, name):
+    found, config = dict(model.named_modules()), text_config(model)
+    for pattern, kind, target, applies in FFN_RESIDUALS:
+        if re2.fullmatch(pattern, name) and applies(config):
             module = re2.sub(pattern, target, name)
             if module in found and (kind == "stream" or "norm" in type(found[module]).__name__.lower()):
                 return module, kind == "norm"

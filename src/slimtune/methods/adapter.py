@@ -9,8 +9,11 @@ LN the layer's own LayerNorm (on a pre-LN layer, where the sum is normalised lat
   `LN(h + A(h) + r)`. As in Houlsby's reference code (google-research/adapter-bert) and AdapterHub, the
   adapter reads the projection after its dropout: `h = drop(W_o · x)`.
 - `"pfeiffer"` (Pfeiffer's adapter, AdapterHub's `SeqBnConfig`): after the feed-forward block only, reading
-  the sub-layer's add-and-LayerNorm and adding back before it: `z = LN(h + r)`, `LN(h + r + A(z))`. On a
-  pre-LN layer (GPT-2, Llama, Gemma, T5) that is the residual stream after the block, `s = h + r`: `s + A(s)`.
+  the sub-layer's add-and-LayerNorm and adding back before it: `z = LN(h + r)`, `LN(h + r + A(z))` (BERT,
+  RoBERTa, BART, OPT with `do_layer_norm_before=False` as opt-350m). On a pre-LN layer (GPT-2, the Llama family
+  with Mistral, Qwen and Gemma, T5, mBART, OPT) that is the residual stream after the block, `s = h + r`:
+  `s + A(s)`. Where the layer names cannot tell the two apart (BART's, mBART's and OPT's fc2 and
+  final_layer_norm), the model's config does; other architectures are refused (see `modules.FFN_RESIDUALS`).
 - `"houlsby-ffn"`: Houlsby's adapter after the feed-forward block only, `LN(h + A(h) + r)`.
 
 With W_up = 0 the adapted model starts identical to the frozen one. The sites are found by module name

@@ -254,6 +254,7 @@ class PrefixComponent(Component):
         # On the body (LlamaModel inside LlamaForCausalLM): every path to the layers goes through it.
         body = modules.body(model)
         self.shifts_positions = modules.accepts(body, "position_ids")
+        self.first_position = modules.position_start(model)
         self._handles.append(body.register_forward_pre_hook(self._offset_positions, with_kwargs=True))
 
     def _run_capture(self, ids: torch.Tensor, decoder_ids: torch.Tensor) -> dict:
@@ -455,7 +456,7 @@ class PrefixComponent(Component):
         if positions is None:
             mask = kwargs.get("attention_mask")
             if mask is not None and mask.dim() == 2:
-                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+                positions = modules.mask_positions(mask, self.first_position)[:, -q_len:]
             else:
                 cache = kwargs.get("cache") or kwargs.get("past_key_values")
                 past = cache.get_seq_length() if cache is not None else 0
