@@ -234,10 +234,7 @@ def test_the_engine_decodes_adapterhub_prefix_rows_from_the_cache_as_adapterhub_
     """In the engine the prefix is k cache columns before the row's tokens; decoding steps count positions from
     the mask less those k columns for AdapterHub's rows, not for slimtune's. A mix of both, LoRA and base rows,
     eager and compiled: each row's logits are AdapterHub's, or transformers' generate() of that tuning."""
-    model = base_model(kind)
-    if compile:  # the compiled step's masks are boolean, as sdpa takes them (eager attention would add them)
-        model.set_attn_implementation("sdpa")
-    engine = Engine(model, vocab_tokenizer(), compile=compile)
+    engine = Engine(base_model(kind), vocab_tokenizer(), compile=compile)  # eager attention, as the references
     if compile:  # each new batch shape's first step waits for its graph: every step runs compiled
         engine._captured.background = False
     engine.add("ah-prefix", HERE / f"{kind}/prefix")

@@ -1,6 +1,9 @@
 """The compiled decoding step (`Engine(compile=...)`): one graph for a continuously batched mix of every
-method, each row getting what the eager step gives it. The graph is captured with the "aot_eager" backend
-(what inductor compiles, without generating code: seconds, not minutes, on a test machine)."""
+method, each row getting what the eager step gives it, compiled beside the running rows rather than in their
+way. The graph is captured with the "aot_eager" backend (what inductor compiles, without generating code:
+seconds, not minutes, on a test machine)."""
+
+import threading
 
 import pytest
 import torch
@@ -13,14 +16,37 @@ from conftest import build
 from helpers import methods_for, perturb, vocab_tokenizer
 
 
-def engine_for(arch, **options):
+def engine_for(arch, attention="sdpa", **options):
     torch.manual_seed(0)
-    engine = Engine(build(arch), vocab_tokenizer(), max_batch=8, **options)
+    model = build(arch)
+    model.set_attn_implementation(attention)
+    engine = Engine(model, vocab_tokenizer(), max_batch=8, **options)
     tunings = dict(methods_for(arch), dora=slimtune.DoRA(rank=4), ia3=slimtune.IA3())
     for i, (user, method) in enumerate(tunings.items()):
         engine.add(user, method)
         perturb(engine.bank.user_parameters(user), seed=i)
     return engine, [None, *tunings]
+
+
+def waiting(engine: Engine) -> Engine:
+    """`engine` with each new batch shape's first step waiting for its graph (as `bench/` runs the step), not
+    running eagerly while it compiles: every step then runs compiled."""
+    engine._captured.background = False
+    return engine
+
+
+HELD = threading.Event()  # a test clears it: compiles with the "slimtune_test_held" backend wait until it is set
+HELD.set()
+
+
+def held(graph, example_inputs):
+    """A torch.compile backend that runs dynamo's graph as it is, once `HELD` is set: a compile as slow as the
+    test wants."""
+    HELD.wait()
+    return graph.forward
+
+
+torch._dynamo.register_backend(held, name="slimtune_test_held")
 
 
 def prompt(j: int) -> list[int]:
@@ -33,10 +59,12 @@ def run(engine, users):
     return [h.result() for h in handles]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window layers beside full ones
-def test_a_compiled_step_gives_each_row_of_a_changing_mix_what_the_eager_step_gives(arch):
-    compiled, users = engine_for(arch, compile="aot_eager")
-    eager, _ = engine_for(arch)
+# gemma3: sliding-window layers beside full ones, and eager attention (which adds the mask to the scores)
+@pytest.mark.parametrize(("arch", "attention"), [("llama", "sdpa"), ("gemma3", "eager")])
+def test_a_compiled_step_gives_each_row_of_a_changing_mix_what_the_eager_step_gives(arch, attention):
+    compiled, users = engine_for(arch, attention, compile="aot_eager")
+    waiting(compiled)
+    eager, _ = engine_for(arch, attention)
     got, want = run(compiled, users), run(eager, users)
     for user, a, b in zip(users, got, want, strict=True):
         assert a.token_ids == b.token_ids, user
@@ -72,21 +100,50 @@ def test_decoding_steps_run_prefix_rows_from_the_cache_with_no_prefix_work(monke
     engine.close()
 
 
-def test_a_step_compiled_before_a_tuning_was_added_is_not_reused_without_its_hooks():
-    # torch.compile does not guard on module hooks: a graph traced for the bare model would run LoRA rows as base rows
-    model = build("llama")
-
-    def tuned(engine):
+def test_a_first_tuning_compiles_beside_the_running_rows_which_go_on_eagerly_until_its_graph_is_ready():
+    # A step whose structure had no graph used to compile on the engine's thread: minutes with inductor, while
+    # every row of every tenant waited, e.g. for a tenant who uploaded the server's first LoRA tuning.
+    def add_lora(engine):
         torch.manual_seed(3)
         engine.add("lora", slimtune.LoRA(rank=4))
         perturb(engine.bank.user_parameters("lora"), seed=3, scale=1.0)
-        out = engine.generate("lora", prompt(2), max_new_tokens=3, keep_logits=True)
-        engine.close()  # its hooks off the shared model
-        return out
 
-    compiled = Engine(model, vocab_tokenizer(), compile="aot_eager")
-    compiled.generate(None, prompt(2), max_new_tokens=3)  # compiles the bare model's step
-    got = tuned(compiled)
-    want = tuned(Engine(model, vocab_tokenizer()))
-    assert compiled.stats.compiles == 2 and compiled.stats.compiled_steps == 4
-    torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+    def long_rows(engine):
+        return [engine.stream(None, prompt(j), max_new_tokens=12, keep_logits=True) for j in range(2)]
+
+    def same(got, want):
+        for a, b in zip(got, want, strict=True):
+            assert a.token_ids == b.token_ids
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+
+    compiled = waiting(Engine(build("llama"), vocab_tokenizer(), max_batch=8, compile="slimtune_test_held"))
+    eager = Engine(build("llama"), vocab_tokenizer(), max_batch=8)
+    same(run(compiled, [None, None]), run(eager, [None, None]))
+    assert compiled.stats.compiled_steps == compiled.stats.steps > 0  # the bare model's graph is in use
+    compiled._captured.background = True
+    HELD.clear()
+    timeout = threading.Timer(30, HELD.set)  # an engine that waits for the compile gets on, to fail below
+    timeout.start()
+    try:
+        running = long_rows(compiled)
+        add_lora(compiled)  # a slot table and hooks: a new structure, whose compile is held
+        got = run(compiled, [None, "lora", None]) + [handle.result() for handle in running]
+        finished_while_held = not HELD.is_set()
+    finally:
+        timeout.cancel()
+        HELD.set()
+    assert finished_while_held
+    running = long_rows(eager)
+    add_lora(eager)
+    # As the eager engine gives them: the bare model's graph ran no LoRA row (torch.compile does not guard on hooks).
+    same(got, run(eager, [None, "lora", None]) + [handle.result() for handle in running])
+    stats = compiled.stats
+    assert stats.eager_steps_while_compiling > 0
+
+    assert compiled._captured.wait(timeout=60)
+    steps, compiled_steps = stats.steps, stats.compiled_steps
+    same(run(compiled, [None, "lora", None]), run(eager, [None, "lora", None]))
+    assert stats.compiled_steps - compiled_steps == stats.steps - steps > 0  # the new structure's graph, once made
+    assert stats.compiles == 2 and stats.graph_breaks == 0
+    compiled.close()
+    eager.close()

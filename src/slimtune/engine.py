@@ -12,7 +12,8 @@ two decoding steps the worker
    done (iteration-level scheduling, as Orca and vLLM do).
 
 Tunings are loaded from a `Store` on demand into a bank of at most `max_resident` users, and the
-least recently used one not in the running batch is evicted to make room.
+least recently used one not in the running batch is evicted to make room. The store may be shared with
+other processes: a tuning they replace or delete is noticed at its next request (`serving.residency`).
 
 Each row's result is what its tuning gives alone: rows never see each other (left padding is
 masked, positions follow each row's own mask), and a row's sampling uses only its own seed.
@@ -305,7 +306,8 @@ class EngineStats:
     cache_relayouts: int = 0  # times the batch's KV cache was copied into new buffers (it grows like an array)
     compiled_steps: int = 0  # decoding steps run by the compiled step (`compile=True`; the others ran eagerly)
     compiles: int = 0  # graphs the compiled step made (one per batch shape and slot-table layout)
-    compile_seconds: float = 0.0  # time of the steps that made them
+    compile_seconds: float = 0.0  # time spent making them, in the background
+    eager_steps_while_compiling: int = 0  # steps run eagerly while their batch shape's graph was compiling
     graph_breaks: int = 0  # in those graphs (0: each compiled step is one graph)
     memory: dict = field(default_factory=dict)  # Bank.memory() after the last step: the tunings' bytes, by part
 
@@ -317,8 +319,9 @@ class Engine:
     `max_resident`: how many tunings the bank holds at once (least recently used ones are evicted).
     `max_batch`: rows per decoding step and per scoring batch.
     `compile`: run decoding steps through `torch.compile`, one graph per batch shape (`serving.capture`); on
-    CUDA as CUDA graphs. The first step of each shape takes the compile's time. True for inductor, or the name
-    of another `torch.compile` backend ("aot_eager" captures the graph without generating code).
+    CUDA as CUDA graphs. Each shape's graph is compiled in the background, its steps running eagerly meanwhile:
+    no row waits for a compile. True for inductor, or the name of another `torch.compile` backend ("aot_eager"
+    captures the graph without generating code).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, store: Store | None = None, *, max_resident: int = 64,
@@ -346,8 +349,10 @@ class Engine:
         if compile:
             backend = "inductor" if compile is True else str(compile)
             mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
-            self._captured = CapturedStep(self.bank, self.pad, backend, mode)
+            self._captured = CapturedStep(self.bank, self.pad, backend, mode, background=True,
+                                          on_compile=self._count_compiled)
         self._tasks: dict[str, dict | None] = {}
+        self._task_versions: dict[str, str | None] = {}  # the store's version each task was read from
         self._residency = Residency(self.bank, store, max_resident, self.stats, self._in_use,
                                     lambda user: self._tasks.pop(user, None))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -403,8 +408,10 @@ class Engine:
     def task(self, user: str) -> dict | None:
         """What `user`'s tuning was trained to do (labels, template), if recorded."""
         self._check_user(user)
-        if user not in self._tasks:
+        version = None if user in self._residency.pinned else self.store.version(user)
+        if user not in self._tasks or self._task_versions.get(user) != version:  # replaced, maybe by another process
             self._tasks[user] = self.store.entry(user).task
+            self._task_versions[user] = version
         return self._tasks[user]
 
     def check(self, tuning: str | os.PathLike, task: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -599,6 +606,8 @@ class Engine:
         self._inbox.put(("wake", None, None))
         if self._worker is not None:
             self._worker.join()
+        if self._captured is not None:
+            self._captured.close(wait)  # what is queued is dropped; with `wait`, the running compile ends first
         self.bank.detach()  # the model is the caller's: it leaves as it came, with none of the bank's hooks
 
     def __enter__(self) -> Engine:
@@ -619,7 +628,7 @@ class Engine:
         """The prompt-tuning tokens a user's rows carry (they count against the context)."""
         if user is None:
             return 0
-        if user in self.bank.users:
+        if user in self.bank.users and self._residency.current(user):
             method = self.bank.method(user).to_dict()
         elif self.store is not None and user in self.store:
             method = self.store.entry(user).method
@@ -836,10 +845,9 @@ class Engine:
             logits = None
             if self._captured is not None:
                 logits = self._captured.step(last, mask, users, self._cache)
+                self._count_compiled()
             if logits is None:
                 logits = self.bank.decode(last, mask, users, self._cache)
-            else:
-                self._count_compiled()
         except Exception as err:
             self._cache.rewind(mark)
             self._drop_failing(err, mask)
@@ -850,7 +858,8 @@ class Engine:
         self._advance(self._running, logits, first=0)
 
     def _count_compiled(self) -> None:
-        self.stats.compiled_steps += 1
+        self.stats.compiled_steps = self._captured.steps
+        self.stats.eager_steps_while_compiling = self._captured.eager_steps
         self.stats.compiles = self._captured.compiles
         self.stats.compile_seconds = self._captured.compile_seconds
         self.stats.graph_breaks = self._captured.graph_breaks

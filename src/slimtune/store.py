@@ -199,7 +199,10 @@ class Store:
         """The folder of a stored tuning's current version (what `Bank.add` and `slimtune.load` read)."""
         if name not in self:
             raise UnknownUserError(f"no tuning named {name!r} in the store at '{self.path}'")
-        return (self.tunings / name).resolve()
+        try:
+            return (self.tunings / name).resolve()
+        except FileNotFoundError:  # deleted, by another process, between the check and the link's reading
+            raise UnknownUserError(f"no tuning named {name!r} in the store at '{self.path}'") from None
 
     def version(self, name: str) -> str | None:
         """The id of the version `tunings/<name>` names now, or None if there is no such tuning: one readlink,
