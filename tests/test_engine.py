@@ -253,3 +253,20 @@ def test_a_tuning_deleted_while_its_request_waits_fails_that_request_only(tmp_pa
         waiting.result()
     assert len(busy.result().token_ids) == 40 and other.result().finish_reason in ("stop", "length")
     engine.close()
+
+
+def test_a_tuning_evicted_while_its_prompt_length_is_read_is_read_from_the_store(tmp_path, monkeypatch):
+    """The worker may evict a tuning between `virtual_tokens`' look at the bank and its read of it (a server's
+    request thread against the engine's): that request must read the store, not fail with a 500."""
+    model = build("gpt2")
+    store = slimtune.Store(tmp_path / "store", model)
+    store.add("p", slimtune.attach(build("gpt2"), slimtune.PromptTuning(length=3, init="uniform")))
+    with Engine(model, vocab_tokenizer(), store) as engine:
+        engine.generate("p", prompt(1), max_new_tokens=2)  # loaded, resident
+        assert "p" in engine.resident
+
+        def evicted(user):
+            raise UnknownUserError(f"unknown user {user!r}")
+
+        monkeypatch.setattr(engine.bank, "method", evicted)
+        assert engine.virtual_tokens("p") == 3

@@ -628,11 +628,14 @@ class Engine:
         """The prompt-tuning tokens a user's rows carry (they count against the context)."""
         if user is None:
             return 0
+        method = None
         if user in self.bank.users and self._residency.current(user):
-            method = self.bank.method(user).to_dict()
-        elif self.store is not None and user in self.store:
-            method = self.store.entry(user).method
-        else:
+            with contextlib.suppress(UnknownUserError):  # evicted by the worker since the check
+                method = self.bank.method(user).to_dict()
+        if method is None and self.store is not None and user in self.store:
+            with contextlib.suppress(UnknownUserError):  # deleted since the check: its request fails at admission
+                method = self.store.entry(user).method
+        if method is None:
             return 0
         return int(method.get("length", 0)) if method.get("kind") == "prompt" else 0
 

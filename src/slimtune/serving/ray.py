@@ -142,6 +142,8 @@ async def run_asgi(app, method: str, path: str, query: bytes, headers: list, bod
     finally:
         gone.set()
         await asyncio.wait([task], timeout=30)
+        if task.done() and not task.cancelled():
+            task.exception()  # the app's own error handler has answered and logged it
 
 
 def application(options: ServerOptions, admin_key: str, replicas: int, threads: int | None = None,
