@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import slimtune
 from slimtune import hf
+from slimtune.methods.base import slot_key
 
 from conftest import VOCAB, build
 from helpers import vocab_tokenizer
@@ -186,3 +187,70 @@ def test_accelerate_launch_with_two_processes_equals_one_at_the_same_global_batc
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=5e-5, rtol=1e-4)  # Adam steps magnify the summing order
+
+
+def user_data(bank: slimtune.TunedBank, users: list[str], rows: int = 16, length: int = 8, seed: int = 0):
+    """Token rows, each a user's (the `user` column: indices into bank.users), the users taking turns."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (rows, length), generator=g).tolist()
+    owners = bank.user_ids([users[i % len(users)] for i in range(rows)])
+    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * rows, "labels": ids,
+                                       "user": owners})
+
+
+def tuned_bank(seed: int = 0) -> slimtune.TunedBank:
+    torch.manual_seed(seed)
+    bank = slimtune.Bank(build("llama"))
+    bank.add("alice", slimtune.LoRA(rank=4))
+    bank.add("bob", slimtune.PrefixTuning(length=3))
+    bank.add("carol", slimtune.LoRA(rank=2))  # no rows: must not move
+    return slimtune.TunedBank(bank)
+
+
+def bank_parameters(tuned: slimtune.TunedBank) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in tuned.state_dict().items() if not name.endswith(hf.RECORD_KEY)}
+
+
+def test_a_bank_trains_many_users_under_the_trainer_and_saves_each_users_tuning_alone(tmp_path):
+    import inspect
+
+    tuned = tuned_bank()
+    assert "user" in inspect.signature(tuned.forward).parameters  # the Trainer keeps the column
+    base = {n: t.clone() for n, t in tuned.model.state_dict().items()}
+    start = bank_parameters(tuned)
+    trainer = Trainer(model=tuned, args=arguments(tmp_path, save_strategy="steps", save_steps=2),
+                      train_dataset=user_data(tuned, ["alice", "bob"]))
+    trainer.train()
+    trainer.save_model(tmp_path / "final")
+    tuned.save_pretrained(tmp_path / "each")
+
+    after = bank_parameters(tuned)
+    for name, value in after.items():
+        moved = not torch.equal(start[name], value)
+        assert moved == (slot_key("carol") not in name), name  # carol had no rows
+    assert all(torch.equal(base[n], t) for n, t in tuned.model.state_dict().items())
+    saved = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
+    assert set(saved) == set(tuned.state_dict())  # every user's tuning and record, no base weight
+    ids = torch.randint(2, VOCAB, (3, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        rows = tuned(input_ids=ids, user=torch.tensor(tuned.user_ids(["alice", "bob", "carol"]))).logits
+        for row, user in enumerate(tuned.users):
+            alone = slimtune.load(build("llama"), tmp_path / "each" / user)
+            torch.testing.assert_close(alone(input_ids=ids[row:row + 1]).logits[0], rows[row], atol=1e-5, rtol=0)
+    with pytest.raises(slimtune.TuningError, match="each row's user"):
+        tuned(input_ids=ids)
+
+
+def test_a_resumed_bank_ends_where_an_uninterrupted_run_ends(tmp_path):
+    options = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    whole = tuned_bank()
+    data = user_data(whole, ["alice", "bob"])
+    Trainer(model=whole, args=arguments(tmp_path / "whole", **options), train_dataset=data).train()
+    cut = tuned_bank()
+    Trainer(model=cut, args=arguments(tmp_path / "cut", **options), train_dataset=data, callbacks=[StopAt(4)]).train()
+    resumed = tuned_bank(seed=1)  # another start: only the checkpoint can make it match
+    Trainer(model=resumed, args=arguments(tmp_path / "cut", **options), train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    expected = bank_parameters(whole)
+    for name, p in bank_parameters(resumed).items():
+        torch.testing.assert_close(p, expected[name], atol=1e-6, rtol=0)

@@ -1,6 +1,6 @@
 """slimtune: lightweight fine-tuning of frozen language models, and many users' tunings in one batch."""
 
-from .bank import Bank, TunedModel, attach, load
+from .bank import Bank, TunedBank, TunedModel, attach, load
 from .errors import ModelMismatchError, TuningError, TuningFileError, UnknownUserError
 from .methods import IA3, Adapter, BitFit, DoRA, FullFineTuning, LoRA, Method, PrefixTuning, PromptTuning
 from .report import ParameterReport, parameter_report
@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IA3", "Adapter", "Bank", "BitFit", "DoRA", "FullFineTuning", "LoRA", "Method", "ModelMismatchError", "ParameterReport",
-    "PrefixTuning", "PromptTuning", "Store", "StoreEntry", "TunedModel", "TuningError", "TuningFileError", "UnknownUserError",
-    "attach", "load", "parameter_report",
+    "PrefixTuning", "PromptTuning", "Store", "StoreEntry", "TunedBank", "TunedModel", "TuningError", "TuningFileError",
+    "UnknownUserError", "attach", "load", "parameter_report",
 ]

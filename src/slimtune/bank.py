@@ -20,7 +20,7 @@ from torch import nn
 from . import hf, modules, peft_format, storage
 from .errors import TuningError, UnknownUserError
 from .methods import METHODS, Method, method_from_dict
-from .methods.base import Component, InitContext
+from .methods.base import Component, InitContext, slot_key
 from .methods.full import FullFineTuning
 from .methods.head import HeadComponent
 from .methods.prompt import gather_real, spread
@@ -354,46 +354,16 @@ class Bank(nn.Module):
             part.close()
 
 
-class TunedModel(nn.Module):
-    """A frozen model with one tuning: the bank-of-one case. Every row runs under the tuning.
-
-    It can be the model of transformers' Trainer or TRL's SFTTrainer as it is (see `hf`): its forward
-    shows the wrapped model's signature, and its state dict, which the Trainer saves in checkpoints
-    and loads on resume, is the tuning alone."""
+class _TrainerModel(nn.Module):
+    """What transformers' Trainer and TRL's trainers read from a model beyond its forward: the wrapped model's
+    config, embeddings and checkpointing switches."""
 
     _keys_to_ignore_on_save = None  # read by transformers' Trainer after loading a checkpoint
-
-    def __init__(self, bank: Bank, user: str):
-        super().__init__()
-        self.bank = bank
-        self.user = user
-        self.forward = hf.Forward(self)
+    bank: Bank
 
     @property
     def model(self) -> nn.Module:
         return self.bank.model
-
-    @property
-    def method(self) -> Method:
-        return self.bank.method(self.user)
-
-    def tuning_parameters(self) -> list[nn.Parameter]:
-        return list(self.bank.user_parameters(self.user))
-
-    def _users(self, kwargs: dict) -> list[str]:
-        source = kwargs.get("input_ids")
-        source = source if source is not None else kwargs.get("inputs_embeds")
-        return [self.user] * source.shape[0]
-
-    def forward(self, **kwargs):
-        """Run the model under the tuning (the instance's `forward`, `hf.Forward`, shows the model's signature)."""
-        return self.bank(users=self._users(kwargs), **kwargs)
-
-    @property
-    def base_model(self) -> hf.Body:
-        """The model's body under the tuning, returning hidden states, as `PreTrainedModel.base_model` does
-        (TRL's fused loss applies the head itself)."""
-        return hf.Body(self)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.model.get_output_embeddings()
@@ -422,6 +392,42 @@ class TunedModel(nn.Module):
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing_disable()
+
+
+class TunedModel(_TrainerModel):
+    """A frozen model with one tuning: the bank-of-one case. Every row runs under the tuning.
+
+    It can be the model of transformers' Trainer or TRL's SFTTrainer as it is (see `hf`): its forward
+    shows the wrapped model's signature, and its state dict, which the Trainer saves in checkpoints
+    and loads on resume, is the tuning alone."""
+
+    def __init__(self, bank: Bank, user: str):
+        super().__init__()
+        self.bank = bank
+        self.user = user
+        self.forward = hf.Forward(self)
+
+    @property
+    def method(self) -> Method:
+        return self.bank.method(self.user)
+
+    def tuning_parameters(self) -> list[nn.Parameter]:
+        return list(self.bank.user_parameters(self.user))
+
+    def _users(self, kwargs: dict) -> list[str]:
+        source = kwargs.get("input_ids")
+        source = source if source is not None else kwargs.get("inputs_embeds")
+        return [self.user] * source.shape[0]
+
+    def forward(self, **kwargs):
+        """Run the model under the tuning (the instance's `forward`, `hf.Forward`, shows the model's signature)."""
+        return self.bank(users=self._users(kwargs), **kwargs)
+
+    @property
+    def base_model(self) -> hf.Body:
+        """The model's body under the tuning, returning hidden states, as `PreTrainedModel.base_model` does
+        (TRL's fused loss applies the head itself)."""
+        return hf.Body(self)
 
     def state_dict(self, *args, destination: dict | None = None, prefix: str = "", keep_vars: bool = False) -> dict:
         """The tuning alone (trainable tensors and its record), not the frozen model's weights: what a
@@ -477,6 +483,92 @@ class TunedModel(nn.Module):
         if len(self.bank.users) > 1:
             raise TuningError(f"cannot {action} while the model is shared by other tunings in the bank")
         return part
+
+
+class TunedBank(_TrainerModel):
+    """Every user of a trainable bank as one model, for transformers' Trainer and TRL's trainers: each row is
+    its user's, given by a `user` input, the user's index in `users` (a dataset column `user` of ints, e.g.
+    from `user_ids`; the Trainer's default collator drops string columns). One batch trains many users: each
+    user's parameters get gradient from that user's rows only, and a user with no rows in a step has no
+    gradient, which the Trainer's optimizer skips, so its parameters do not move (Adam's moments are kept per
+    parameter, so per user).
+
+    The forward shows the wrapped model's signature plus `user`. The state dict, what checkpoints hold and a
+    resumed run loads, is every user's tuning alone (`users.<key>.<name>`, each with its record);
+    `save_pretrained(folder)` writes one tuning folder per user (`folder/<user>`), which `slimtune.load`,
+    `Bank.add` and `Store.add` read."""
+
+    def __init__(self, bank: Bank):
+        super().__init__()
+        if bank.frozen:
+            raise TuningError("a frozen bank (an engine's) cannot be trained: make a Bank with frozen=False")
+        if not bank.users:
+            raise TuningError("the bank has no users: add each user's method (bank.add(name, method)) first")
+        self.bank = bank
+        self.users = list(bank.users)
+        self.forward = hf.Forward(self, extra=("user",))
+
+    def user_ids(self, names: Sequence[str]) -> list[int]:
+        """Each name's index in `users`: the `user` column of a dataset."""
+        index = {name: i for i, name in enumerate(self.users)}
+        unknown = sorted({n for n in names if n not in index})
+        if unknown:
+            raise UnknownUserError(f"no user {unknown[0]!r} in this bank; its users: {self.users[:10]}")
+        return [index[n] for n in names]
+
+    def tuning_parameters(self) -> list[nn.Parameter]:
+        return [p for user in self.users for p in self.bank.user_parameters(user)]
+
+    def _users(self, user: Any) -> list[str]:
+        if user is None:
+            raise TuningError("TunedBank needs each row's user: a `user` input (a dataset column) of indices into "
+                              "TunedBank.users, e.g. from TunedBank.user_ids")
+        ids = user.tolist() if isinstance(user, torch.Tensor) else list(user)
+        if any(not isinstance(i, int) or not 0 <= i < len(self.users) for i in ids):
+            raise TuningError(f"user must hold indices into TunedBank.users (0 to {len(self.users) - 1}), got {ids[:8]}")
+        return [self.users[i] for i in ids]
+
+    def forward(self, user: Any = None, **kwargs):
+        """Run the model with each row under its user's tuning."""
+        return self.bank(users=self._users(user), **kwargs)
+
+    def _each(self) -> Iterator[tuple[str, TunedModel]]:
+        for user in self.users:
+            yield f"users.{slot_key(user)}.", TunedModel(self.bank, user)
+
+    def state_dict(self, *args, destination: dict | None = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        out = {}
+        for key, tuned in self._each():
+            out.update(hf.state_dict(tuned, prefix + key, keep_vars))
+        if destination is None:
+            return out
+        destination.update(out)
+        return destination
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        missing, unexpected = [], [k for k in state_dict if not k.startswith("users.")]
+        known = set()
+        for key, tuned in self._each():
+            own = {k[len(key):]: v for k, v in state_dict.items() if k.startswith(key)}
+            known.update(key + k for k in own)
+            result = hf.load_state_dict(tuned, own, strict)
+            missing += [key + k for k in result.missing_keys]
+        unexpected += [k for k in state_dict if k.startswith("users.") and k not in known]
+        if strict and unexpected:
+            raise TuningError(f"the state dict holds tunings this bank does not: {unexpected[:5]}")
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        is_main_process: bool = True, **kwargs) -> Path | None:
+        """Each user's tuning as a folder of its own, `save_directory/<user>` (user names are folder names here)."""
+        if not is_main_process:
+            return None
+        folder = Path(save_directory)
+        for user in self.users:
+            if user in ("", ".", "..") or "/" in user or os.sep in user:
+                raise TuningError(f"user {user!r} cannot be a folder name; save it with bank.save(user, folder)")
+            self.bank.save(user, folder / user)
+        return folder
 
 
 def read_tuning(path: str | os.PathLike, model: nn.Module, fingerprint: dict | None = None

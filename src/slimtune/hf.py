@@ -34,14 +34,21 @@ WEIGHTS = "model.safetensors"  # the name transformers' Trainer gives the state 
 
 
 class Forward:
-    """`TunedModel.forward`, showing the wrapped model's parameters to `inspect.signature`."""
+    """`TunedModel.forward` (and `TunedBank.forward`), showing the wrapped model's parameters to `inspect.signature`,
+    and `extra` ones (`TunedBank`'s `user`) as keyword-only."""
 
-    def __init__(self, tuned: TunedModel):
-        self.tuned = tuned
+    def __init__(self, tuned: TunedModel, extra: tuple[str, ...] = ()):
+        self.tuned, self.extra = tuned, extra
 
     @property
     def __signature__(self) -> inspect.Signature:
-        return inspect.signature(self.tuned.model.forward)
+        signature = inspect.signature(self.tuned.model.forward)
+        if not self.extra:
+            return signature
+        params = list(signature.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in self.extra]
+        return signature.replace(parameters=params[:at] + added + params[at:])
 
     def __call__(self, *args, **kwargs):
         if args:
