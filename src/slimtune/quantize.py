@@ -19,6 +19,7 @@ trained with the tuning, and the LM head of most small models is tied to the inp
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Any
@@ -71,13 +72,41 @@ def quantization_config(quantize: str) -> Any:
 
 
 def check_quantised(model: nn.Module, quantize: str, name: str) -> None:
-    """A TuningError if loading `name` with `quantize` quantised none of its layers: torchao takes `nn.Linear`
-    only, so GPT-2's Conv1D layers would silently stay in full precision."""
+    """A TuningError if loading `name` with `quantize` quantised none of its layers (torchao takes `nn.Linear`
+    only, so GPT-2's Conv1D layers would silently stay in full precision), or quantised layers that this
+    machine's bitsandbytes kernel would compute with wrongly (`misread_nf4_layers`)."""
     if scheme_of(model) is None:
         kinds = sorted({type(m).__name__ for m in model.modules() if is_linear(m)})
         raise TuningError(f"quantize={quantize!r} quantised no layer of {name} ({type(model).__name__}): "
                           f"{SCHEMES[quantize].description} takes nn.Linear layers, and this model's are "
                           f"{', '.join(kinds)}; try another scheme or load it without quantize")
+    if misread := misread_nf4_layers(model):
+        raise TuningError(f"quantize='nf4' on this CPU would compute {len(misread)} layers of {name} with wrong weights "
+                          f"({', '.join(misread[:3])}{', ...' if len(misread) > 3 else ''}): bitsandbytes' AVX512 CPU "
+                          "kernel de-quantises a layer whose input width is not a multiple of its block of 64 weights "
+                          "wrongly; load it with quantize='int8', or without quantize")
+
+
+def misread_nf4_layers(model: nn.Module) -> list[str]:
+    """The 4-bit layers that bitsandbytes' CPU kernel would de-quantise wrongly on this machine: on AVX512 CPUs
+    bitsandbytes 0.50 de-quantises a weight whose rows are not a whole number of blocks wrongly (by up to 0.6
+    of the weights' scale, checked here on a small weight once per process); elsewhere, none."""
+    layers = [(name, module) for name, module in model.named_modules()
+              if type(getattr(module, "weight", None)).__name__ == "Params4bit" and module.weight.device.type == "cpu"
+              and module.weight.shape and module.in_features % module.weight.quant_state.blocksize != 0]
+    return [name for name, _ in layers] if layers and _cpu_kernel_misreads_partial_blocks() else []
+
+
+@functools.cache
+def _cpu_kernel_misreads_partial_blocks() -> bool:
+    import bitsandbytes.functional as F
+
+    weight = torch.linspace(-1, 1, 32 * 32).reshape(32, 32)  # rows of 32: half a block of 64 each
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    code, flat = state.code.float(), packed.flatten()
+    values = torch.stack([code[(flat >> 4).long()], code[(flat & 15).long()]], 1).flatten()
+    expected = (values.view(-1, 64) * state.absmax.float()[:, None]).view_as(weight)
+    return not torch.allclose(F.dequantize_4bit(packed, state), expected, atol=1e-6)
 
 
 def prepare(model: nn.Module) -> None:
