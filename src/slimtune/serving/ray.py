@@ -204,6 +204,10 @@ def application(options: ServerOptions, admin_key: str, replicas: int, threads: 
                     if attempt == 2 or not _retryable(method, path):
                         log.warning("a replica stopped while answering %s %s: %s", method, path, type(err).__name__)
                         return replica_lost(_retryable(method, path))
+                except Exception as err:  # Ray Serve's own (no replica running, back-pressure): nothing was sent
+                    log.warning("no replica took %s %s: %s: %s", method, path, type(err).__name__, err)
+                    return JSONResponse(error_body("No server replica could take your request now; send it again "
+                                                   "shortly.", "server_error", code="replica_unavailable"), 503)
             if first[0] == "whole":
                 _, status, answer_headers, content = first
                 return Response(content, status, headers=_plain(answer_headers))
