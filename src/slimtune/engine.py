@@ -46,6 +46,7 @@ from .data import Example, Task
 from .data.errors import DataError
 from .errors import RequestError, TuningError, UnknownUserError
 from .formats import Format
+from .methods import method_from_dict
 from .serving.capture import CapturedStep
 from .serving.fairness import OUTPUT_WEIGHT, FairShare
 from .serving.kv import KEEP_IDLE_BYTES, SlotCache
@@ -631,13 +632,11 @@ class Engine:
         method = None
         if user in self.bank.users and self._residency.current(user):
             with contextlib.suppress(UnknownUserError):  # evicted by the worker since the check
-                method = self.bank.method(user).to_dict()
+                method = self.bank.method(user)
         if method is None and self.store is not None and user in self.store:
             with contextlib.suppress(UnknownUserError):  # deleted since the check: its request fails at admission
-                method = self.store.entry(user).method
-        if method is None:
-            return 0
-        return int(method.get("length", 0)) if method.get("kind") == "prompt" else 0
+                method = method_from_dict(self.store.entry(user).method)
+        return method.virtual_tokens if method is not None else 0
 
     def _work(self) -> None:
         try:

@@ -48,6 +48,12 @@ class Method:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions this method adds to each of its rows' sequences (prompt tuning's soft tokens): they count
+        against the model's context."""
+        return 0
+
     def learning_rate(self, study: bool = False) -> float:
         """The learning rate of a run that gives none: `default_lr`, or `compare_lr` in the comparison
         `study`. A method whose rate depends on its settings overrides this."""

@@ -66,6 +66,10 @@ class PromptTuning(Method):
         if isinstance(self.label_words, list):
             object.__setattr__(self, "label_words", tuple(self.label_words))
 
+    @property
+    def virtual_tokens(self) -> int:
+        return self.length
+
     @classmethod
     def cli_options(cls, options: Any) -> None:
         options.add_argument("--length", type=int, help="soft prompt tokens (default 20)")
