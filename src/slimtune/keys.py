@@ -13,7 +13,7 @@ guess one from its hash, and looking a key up by its hash takes no comparison th
 The file is still private (0600, and tightened to that when a `KeyRing` opens it): its key ids and
 names say who uses the server, and a key id is the prefix of its owner's tunings' names.
 
-Several servers may share the file (replicas over one store, see docs/shared-store.md): changes are
+Several servers may share the file (replicas over one store: the README's "One store, several servers"): changes are
 made under an flock of ``.keys.json.lock``, to the file as it is then, so none is lost, and every
 process reads the file again at its next request once it changed: a key made or revoked by one server
 is accepted or refused by all at once.

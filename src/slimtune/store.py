@@ -24,7 +24,8 @@ What this asks of a shared file system: flock honoured across clients (Linux NFS
 POSIX locks, which also serve; CephFS; Lustre mounted with `-o flock`, not `localflock`), rename atomic
 within a directory, and close-to-open consistency. On NFS a client may answer a name lookup from its
 cache for up to its attribute-cache time (`acdirmax`, 60 s by default): the bound then holds after that
-delay, or at once with the store mounted `lookupcache=none` (or `actimeo=0`). See docs/shared-store.md.
+delay, or at once with the store mounted `lookupcache=none` (or `actimeo=0`). The README's "One store, several
+servers" says the same for users.
 
 Private: the store, `tunings/` and `versions/` are 0700 (tightened to that when a store is opened
 with a model, as `slimtune serve` and `slimtune train` open it), and version and scratch folders are
@@ -252,7 +253,7 @@ class Store:
     # --- changing ------------------------------------------------------------------------------
 
     def add(self, name: str, tuning: Any, task: dict | None = None, replace: bool = False,
-            admit: Callable[[list[StoreEntry]], None] | None = None) -> StoreEntry:
+            admit: Callable[[], None] | None = None) -> StoreEntry:
         """Store `tuning` (a saved tuning folder, slimtune's or HF PEFT's, a `TunedModel`, or a saved form:
         (record, tensors)) as `name`.
 
@@ -261,11 +262,12 @@ class Store:
         refused unless `replace=True`. `task` (e.g. {"labels": [...], "label_words": {...},
         "template": "..."}) overrides the task recorded in the tuning, if any.
 
-        `admit`, if given, is called with the store's entries as they are (a replaced version among them)
-        under the store's exclusive lock, just before the new version is made visible: whatever it raises
-        refuses the add and leaves the store as it was. No other writer, in any process, changes the store
-        between its check and the add, so it can hold a quota (e.g. the count and bytes of one owner's
-        tunings) across processes. It must not call the store's `read`, `add`, `delete` or `clean`.
+        `admit`, if given, is called under the store's exclusive lock, just before the new version is made
+        visible (a replaced version still listed): whatever it raises refuses the add and leaves the store as
+        it was. No other writer, in any process, changes the store between its check and the add, so it can
+        hold a quota across processes, reading only what it needs (e.g. `names()`, and `entry()` of one
+        owner's tunings: every other process's loads wait while it runs). It must not call the store's
+        `read`, `add`, `delete` or `clean`.
         """
         check_name(name)
         record, tensors = self._saved_form(tuning)
@@ -288,7 +290,7 @@ class Store:
                 if old is not None and not replace:
                     raise TuningError(f"the store already holds a tuning named {name!r}; delete it or pass replace=True")
                 if admit is not None:
-                    admit(self.list())
+                    admit()
                 self._check_fingerprint(stored["model"], name)  # the first tuning's is written: only now
                 version = self.versions / f"{name}.{uuid.uuid4().hex[:12]}"
                 self.versions.mkdir(mode=PRIVATE, exist_ok=True)

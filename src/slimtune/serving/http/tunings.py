@@ -159,23 +159,24 @@ class Tunings:
                 if stored in self.store and not replace:
                     raise APIError(409, f"You already have a tuning named '{name}'; delete it first or upload with "
                                         "replace=true.", param="name", code="tuning_exists")
-                self.check_quota(caller, stored, [e for _, e in self.own_entries(caller)], 0)  # again when storing
+                self.check_quota(caller, stored, 0)  # before the costly check; again when storing
                 record, tensors = await self.checked(folder, task)
                 size = sum(t.numel() * t.element_size() for t in tensors.values())
                 if not self.still_valid(caller):
                     raise revoked()
                 entry = await asyncio.to_thread(self.store.add, stored, (record, tensors), None, replace,
-                                                partial(self.check_quota, caller, stored, size=size))
+                                                partial(self.check_quota, caller, stored, size))
                 if not self.still_valid(caller):  # revoked while it was being stored: the revocation wins
                     await self.forget(stored)
                     raise revoked()
                 await asyncio.to_thread(self.engine.remove, stored)  # a replaced tuning must be reloaded
         return JSONResponse(tuning_card(entry, name), 201)
 
-    def check_quota(self, caller: Caller, stored: str, entries: list, size: int) -> None:
-        """403 if storing `size` bytes as `stored` would take the caller past its tunings or bytes (`entries`: the
-        store's; `Store.add` calls this under its lock, so replicas uploading at once cannot together pass it)."""
-        others = [entry for entry in entries if entry.name.startswith(f"{caller.id}.") and entry.name != stored]
+    def check_quota(self, caller: Caller, stored: str, size: int) -> None:
+        """403 if storing `size` bytes as `stored` would take the caller past its tunings or bytes. `Store.add` calls
+        this under its lock (its `admit`), so replicas uploading at once cannot together pass it; it reads the
+        caller's own entries only, as other replicas' loads wait for that lock."""
+        others = [entry for own, entry in self.own_entries(caller) if f"{caller.id}.{own}" != stored]
         if len(others) >= self.max_tunings:
             raise quota_exceeded(f"You have {len(others)} tunings, the most a key may keep; delete one first.")
         if sum(entry.bytes for entry in others) + size > self.max_bytes:
