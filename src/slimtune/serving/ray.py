@@ -1,17 +1,17 @@
 """`slimtune serve --replicas N`: N engine replicas on Ray Serve, sharing one store, routed by tuning.
 
-    client ──HTTP──▶ Ray Serve's proxy ──▶ Ingress ──handle, multiplexed by tuning──▶ Replica 1 … N
-                                                                                  (the single-process app)
+    client ──HTTP──▶ Ray Serve's proxy ──▶ Ingress ──handle, routed by tuning──▶ Replica 1 … N
+                                                                             (the single-process app)
 
 - **Replica**: one process's whole server (`http.app.open_app`: model, engine, store, keys), driven as an
   ASGI app from Ray. Every route, key check, error and limit is the single-process server's own code.
 - **Ingress**: reads the request (with the server's body limits), and forwards it to a replica. A
   completion, chat or classification request for a tuning carries a *routing key*: a hash of the caller's
-  key and the model's name (the tuning as that key knows it), given to Ray Serve as the request's
-  multiplexed model id. Ray Serve sends it to a replica that recently served that id, so each tuning stays
-  resident where its requests go, and spreads the ids it has not seen over the replicas with the fewest.
-  The ingress reads no key and no store: it cannot tell whose a tuning is, and the id is never shown.
-  Base-model requests, uploads, listings and key calls go to any replica.
+  key and the model's name (the tuning as that key knows it), carried as the request's multiplexed model id.
+  Our request router (`TuningAffinity`) sends each key to the replica that ranks it first, so each tuning
+  stays resident where its requests go. The ingress reads no key and no store: it cannot tell whose a
+  tuning is, and the id is never shown. Base-model requests, uploads, listings and key calls go to any
+  replica.
 - **Faults**: a replica that dies before it has answered gets its request sent once more, to another
   replica, when the request changes nothing (generation, classification, reads); otherwise, and when it
   dies part-way through a streamed answer, the client gets a 503 (or, in a stream, a last error event)
@@ -44,7 +44,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from .http.app import BodyLimit, ServerOptions, open_app
 from .http.metrics import rows_since
-from .http.schema import MAX_BODY, MAX_UPLOAD, error_body
+from .http.schema import MAX_BODY, MAX_UPLOAD, error_body, sse
 
 log = logging.getLogger("slimtune.server")
 
@@ -53,6 +53,10 @@ CHANGES_NOTHING = {("POST", path) for path in ROUTED}  # safe to send again; and
 STREAMED = b"text/event-stream"
 APP_NAME = "slimtune"
 REPLICA_HEADER = b"x-slimtune-replica"
+# A replica takes this many keys' worth of requests in flight (`max_requests_per_key` each) before Ray Serve holds
+# the next one back: requests held there wait in arrival order, unseen by the engine's fair share between keys, so
+# a replica must take several keys' full share, or one key could fill it and queue every other key behind it.
+REQUESTS_PER_REPLICA = 4
 
 
 def routing_key(method: str, path: str, headers: dict[str, str], body: bytes, base_name: str) -> str:
@@ -156,7 +160,8 @@ def application(options: ServerOptions, admin_key: str, replicas: int, threads: 
     threads = threads or max(1, (os.cpu_count() or 1) // replicas)
 
     @ray_serve.deployment(name="Replica", num_replicas=replicas, ray_actor_options={"num_cpus": 0},
-                      max_ongoing_requests=2 * options.max_batch, health_check_period_s=2, graceful_shutdown_timeout_s=30,
+                      max_ongoing_requests=REQUESTS_PER_REPLICA * options.max_requests_per_key, health_check_period_s=2,
+                      graceful_shutdown_timeout_s=30,
                       request_router_config=RequestRouterConfig(request_router_class=TuningAffinity))
     class Replica:
         def __init__(self):
@@ -258,9 +263,7 @@ async def _rest(answer) -> AsyncIterator[bytes]:
             yield chunk
     except RayActorError:
         message = "The server replica handling your request stopped part-way; send the request again."
-        import json
-
-        yield f"data: {json.dumps(error_body(message, 'server_error', code='replica_stopped'))}\n\n".encode()
+        yield sse(error_body(message, "server_error", code="replica_stopped")).encode()
 
 
 def connect(address: str | None = None) -> None:
