@@ -32,8 +32,8 @@ def test_every_registered_method_has_learning_rates_a_label_and_is_a_choice_of_b
     method = METHODS[kind]
     for rate in (method().learning_rate(), method().learning_rate(study=True), method.default_lr, method.compare_lr):
         assert isinstance(rate, float) and math.isfinite(rate) and 0 < rate < 1
-    assert method.label and compare.LABELS[kind] == method.label
-    assert kind in compare.CHOICES
+    assert method.label and compare.label_of(kind) == method.label
+    assert kind in compare.choices()
     assert parsed("--method", kind).method == kind
 
 

@@ -214,7 +214,9 @@ def test_the_engine_serves_tunings_over_a_quantised_base_each_row_as_it_gets_alo
     for user, p, got in zip(users, prompts, mixed, strict=True):
         alone = engine.generate(user, p, max_new_tokens=6, keep_logits=True)
         assert got.token_ids == alone.token_ids, user
-        torch.testing.assert_close(got.logits, alone.logits, atol=1e-5, rtol=1e-5)
+        # bitsandbytes' CPU 4-bit matmul sums in an order that depends on the batch's shape and the threads free at
+        # the time: a row in a batch of 4 and alone differ by up to ~2e-5 on a busy machine (1e-5 holds when quiet)
+        torch.testing.assert_close(got.logits, alone.logits, atol=1e-4 if scheme == "nf4" else 1e-5, rtol=1e-5)
     # and each tuned row's first logits are what its tuning gives in a plain forward through the bank, not the base's
     with torch.no_grad():
         for j in (0, 3):

@@ -21,7 +21,6 @@ from . import hf, modules, peft_format, storage
 from .errors import TuningError, UnknownUserError
 from .methods import METHODS, Method, method_from_dict
 from .methods.base import Component, InitContext, slot_key
-from .methods.full import FullFineTuning
 from .methods.head import HeadComponent
 from .methods.prompt import gather_real, spread
 from .quantize import check_method as check_quantised_method
@@ -75,7 +74,7 @@ class Bank(nn.Module):
         check_quantised_method(method, self.model)  # model tuning and DoRA need the weights themselves
         context = InitContext(tokenizer or self.tokenizer)
         self._part(method.component).add(user, method, state, context)
-        if modules.head_names(self.model) and not isinstance(method, FullFineTuning):
+        if modules.head_names(self.model) and not method.writes_base:  # a tuning of the weights holds the head too
             self._part(HeadComponent).add(user, None, head_state, context)
         self._methods[user] = method
 
@@ -94,7 +93,7 @@ class Bank(nn.Module):
 
     def check_method(self, method: Method) -> None:
         """Refuse a tuning that would write the shared model's weights where others share them (or may)."""
-        if not (method.writes_base or "full" in self.parts):
+        if not (method.writes_base or self._base_written):
             return
         if self.frozen:
             raise TuningError(
@@ -155,6 +154,11 @@ class Bank(nn.Module):
             record["task"] = task
         return record, self.state(user)
 
+    @property
+    def _base_written(self) -> bool:
+        """Whether a tuning in this bank is the model's own weights (a full fine-tune): no frozen base is left."""
+        return any(m.writes_base for m in self._methods.values())
+
     def _parts_of(self, user: str) -> list[Component]:
         return [part for part in self.parts.values() if user in part.methods]
 
@@ -180,7 +184,7 @@ class Bank(nn.Module):
             )
         head = {n[len("head."):]: t for n, t in state.items() if n.startswith("head.")}
         body = {n: t for n, t in state.items() if not n.startswith("head.")}
-        if modules.head_names(self.model) and not isinstance(method, FullFineTuning) and not head:
+        if modules.head_names(self.model) and not method.writes_base and not head:
             raise TuningError(
                 f"{type(self.model).__name__} has a task head, but this tuning carries none; "
                 "it was trained for a model without that head"
@@ -204,7 +208,7 @@ class Bank(nn.Module):
         for user in users:
             if user is not None:
                 self._check_known(user)
-        if "full" in self.parts and None in users:
+        if self._base_written and None in users:
             raise TuningError("this bank's model is fully fine-tuned; it has no frozen base model for rows of user None")
         owners = {u: tuple(p for p in self._parts_of(u) if not (decoding and p.lives_in_cache))
                   for u in set(users) if u is not None}
@@ -227,8 +231,8 @@ class Bank(nn.Module):
         if kwargs.get("attention_mask") is None:
             kwargs["attention_mask"] = torch.ones(batch, length, dtype=torch.long, device=source.device)
         starts = None
-        prompt = self.parts["prompt"] if "prompt" in self.parts else None
-        if prompt is not None and prompt.lengths(routing, batch).any():
+        prompt = self._prepending(routing, batch)
+        if prompt is not None:
             if embeds is None:
                 embeds = self.model.get_input_embeddings()(ids)
             embeds, kwargs["attention_mask"], starts = prompt.prepend(
@@ -248,6 +252,14 @@ class Bank(nn.Module):
             mask = kwargs["attention_mask"]
             kwargs["position_ids"] = modules.mask_positions(mask, self._first_position)
         return kwargs, starts, length
+
+    def _prepending(self, routing: Routing, batch: int) -> Component | None:
+        """The method that puts positions of its own into this batch's rows (prompt tuning), if any row has some."""
+        found = [p for p in self.parts.values() if p.prepends and p.lengths(routing, batch).any()]
+        if len(found) > 1:
+            raise TuningError(f"rows of {found[0].kind} and {found[1].kind} tunings both insert positions into their "
+                              "inputs; one batch can hold rows of only one such method")
+        return found[0] if found else None
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 users: Sequence[str | None] | None = None, hidden_states_only: bool = False, **kwargs):
@@ -379,6 +391,16 @@ class _TrainerModel(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    @property
+    def base_model(self) -> hf.Body:
+        """The model's body under the tuning(s), returning hidden states, as `PreTrainedModel.base_model` does
+        (TRL's fused loss applies the head itself)."""
+        return hf.Body(self)
+
+    def _row_users(self, kwargs: dict) -> list[str]:
+        """Each row's user, from the model's inputs (a `TunedBank` takes its `user` input out of them)."""
+        raise NotImplementedError
+
     def add_model_tags(self, tags: list[str] | str) -> None:
         """Tags for the model card (TRL's trainers add theirs)."""
         self.model.add_model_tags(tags)
@@ -414,20 +436,14 @@ class TunedModel(_TrainerModel):
     def tuning_parameters(self) -> list[nn.Parameter]:
         return list(self.bank.user_parameters(self.user))
 
-    def _users(self, kwargs: dict) -> list[str]:
+    def _row_users(self, kwargs: dict) -> list[str]:
         source = kwargs.get("input_ids")
         source = source if source is not None else kwargs.get("inputs_embeds")
         return [self.user] * source.shape[0]
 
     def forward(self, **kwargs):
         """Run the model under the tuning (the instance's `forward`, `hf.Forward`, shows the model's signature)."""
-        return self.bank(users=self._users(kwargs), **kwargs)
-
-    @property
-    def base_model(self) -> hf.Body:
-        """The model's body under the tuning, returning hidden states, as `PreTrainedModel.base_model` does
-        (TRL's fused loss applies the head itself)."""
-        return hf.Body(self)
+        return self.bank(users=self._row_users(kwargs), **kwargs)
 
     def state_dict(self, *args, destination: dict | None = None, prefix: str = "", keep_vars: bool = False) -> dict:
         """The tuning alone (trainable tensors and its record), not the frozen model's weights: what a
@@ -518,6 +534,17 @@ class TunedBank(_TrainerModel):
 
     def tuning_parameters(self) -> list[nn.Parameter]:
         return [p for user in self.users for p in self.bank.user_parameters(user)]
+
+    def collator(self, inner: Any = None) -> hf.UserCollator:
+        """A data collator that keeps the `user` column where `inner` (default: transformers' default collator)
+        would drop it, as TRL's SFTTrainer's does: `trainer.data_collator = tuned.collator(trainer.data_collator)`,
+        with `SFTConfig(remove_unused_columns=False)` so that the column reaches it."""
+        if inner is None:
+            from transformers import default_data_collator as inner
+        return hf.UserCollator(inner)
+
+    def _row_users(self, kwargs: dict) -> list[str]:
+        return self._users(kwargs.pop("user", None))
 
     def _users(self, user: Any) -> list[str]:
         if user is None:

@@ -44,8 +44,19 @@ DESIGNS = {"design": "prompt design (0-shot)", "design-4shot": "prompt design (4
 # default so that `make demo` stays under 15 minutes on 2 cores). A method's learning rate for these short
 # budgets, its settings and its row label are its own (`Method.compare_lr`, `for_study`, `label`).
 METHODS = ["full", "design", "design-4shot", "prompt", "prefix", "adapter", "lora", "bitfit"]
-CHOICES = [*DESIGNS, *TUNING_METHODS]
-LABELS = {**DESIGNS, **{kind: method.label for kind, method in TUNING_METHODS.items()}}
+
+
+def choices() -> list[str]:
+    """What `--methods` takes: the prompt designs and every registered method (one registered after import too)."""
+    return [*DESIGNS, *TUNING_METHODS]
+
+
+def label_of(kind: str) -> str:
+    """A configuration's row label: a design's, or the method's own (`Method.label`)."""
+    method = TUNING_METHODS.get(kind)
+    return DESIGNS.get(kind) or (method.label if method is not None and method.label else kind)
+
+
 ABLATIONS = {"init": ["uniform", "vocab", "labels"], "length": [1, 5, 20, 100]}  # prompt-tuning settings compared
 
 
@@ -101,7 +112,7 @@ def run_spec(spec: Spec, out: Path, resume: bool = False, progress: Progress | N
     ood = load_task(spec.ood_task, seed=spec.seed) if spec.ood_task else None
     model, tokenizer = open_model(spec.model, task, quantize=spec.quantize)
     n_params = parameter_count(model)  # a quantised weight counted as the weights it stands for
-    row = {"method": spec.label or LABELS.get(spec.method, spec.method), "kind": spec.method, "model": spec.model,
+    row = {"method": spec.label or label_of(spec.method), "kind": spec.method, "model": spec.model,
            "model_parameters": n_params, "task": task.name, "ood_task": ood.name if ood else None, "seed": spec.seed,
            "budget": spec.budget, **spec.options, "quantize": spec.quantize,
            # the loaded frozen model: its tensors as stored, and this process's resident memory then
@@ -268,7 +279,7 @@ def run_all(specs: list[Spec], out: Path, progress_label: str = "compare", fresh
     study = Study(len(specs), progress_label)
     try:
         for spec in specs:
-            label = spec.label or LABELS.get(spec.method, spec.method)
+            label = spec.label or label_of(spec.method)
             name = f"{label} on {spec.model}"
             run_dir = runs / run_name(spec)
             row = earlier_run(spec, run_dir, fresh)
@@ -567,7 +578,7 @@ def plots(rows: list[dict], out: Path, ablation: str | None = None) -> list[Path
         for kind in ["full", "design", "prompt"]:
             points = sorted((r["model_parameters"], r["in_distribution"]) for r in shown if r["kind"] == kind)
             if points:
-                ax.plot(*zip(*points, strict=True), "o-", label=LABELS[kind])
+                ax.plot(*zip(*points, strict=True), "o-", label=label_of(kind))
         ax.set_xscale("log")
         sizes = {r["model_parameters"]: r["model"] for r in shown}
         ax.set_xticks(list(sizes), [f"{name}\n{n / 1e6:.0f} M" for n, name in sizes.items()], fontsize=8)
@@ -587,7 +598,7 @@ def specs_for(models: list[str], task: str, ood: str | None, methods: list[str],
               ablation: str | None, quantize: list[str | None] = (None,)) -> list[Spec]:
     """The configurations of a study, each over every seed (seed-minor: a configuration's seeds side by side),
     and on each base of `quantize` (None: the weights as stored), each method's bases side by side."""
-    return [replace(spec, quantize=scheme, label=f"{spec.label or LABELS.get(spec.method, spec.method)}, {scheme} base")
+    return [replace(spec, quantize=scheme, label=f"{spec.label or label_of(spec.method)}, {scheme} base")
             if scheme else spec
             for spec in _specs_for(models, task, ood, methods, budget, seeds, ablation) for scheme in quantize]
 
@@ -621,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", nargs="+", default=["smollm2-135m"], help="one or more models (several: a scaling plot)")
     p.add_argument("--task", default="rotten-tomatoes")
     p.add_argument("--ood-task", default=None, help="default: amazon-food for rotten-tomatoes, none otherwise")
-    p.add_argument("--methods", nargs="+", choices=CHOICES, default=METHODS,
+    p.add_argument("--methods", nargs="+", choices=choices(), default=METHODS,
                    help=f"the configurations to compare (default: {' '.join(METHODS)})")
     p.add_argument("--budget", choices=list(BUDGETS), default="quick")
     p.add_argument("--ablation", choices=list(ABLATIONS))

@@ -174,12 +174,13 @@ def refuse_quantised(model: nn.Module, what: str, instead: str = "") -> None:
 
 def check_method(method: Any, model: nn.Module) -> None:
     """A TuningError for a method that cannot train over `model` if its weights are quantised: model tuning
-    (it trains the weights) and DoRA (it needs their norm at every step)."""
+    (it trains the weights) and a method that reads them (`Method.needs_base_weights`: DoRA needs their norm at
+    every step)."""
     instead = ", or train LoRA, adapters or prefix tuning over the quantised base"
     if getattr(method, "writes_base", False):
         refuse_quantised(model, "model tuning trains every weight", instead)
-    elif getattr(method, "kind", "") == "dora":
-        refuse_quantised(model, "DoRA reads the norm of each frozen weight", instead)
+    elif getattr(method, "needs_base_weights", ""):
+        refuse_quantised(model, method.needs_base_weights, instead)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -5,7 +5,7 @@ import math
 import types
 import typing
 
-from ..errors import TuningFileError
+from ..errors import TuningError, TuningFileError
 from .adapter import Adapter
 from .base import Method
 from .bitfit import BitFit
@@ -19,6 +19,23 @@ from .prompt import PromptTuning
 METHODS: dict[str, type[Method]] = {
     m.kind: m for m in (PromptTuning, PrefixTuning, Adapter, LoRA, DoRA, IA3, BitFit, FullFineTuning)
 }
+
+
+def register(method: type[Method]) -> type[Method]:
+    """Add a method to the registry (usable as a class decorator): `attach`, `Bank`, saved tunings,
+    `slimtune train --method <kind>` with its `cli_options`, and `slimtune compare --methods <kind>` then know it.
+    A new method is one file: its `Method` config (kind, learning rates, label, options) and its `Component`.
+    The module that registers it must be imported wherever it runs (the study trains each configuration in a
+    child process)."""
+    if not (isinstance(method, type) and issubclass(method, Method)) or not method.kind:
+        raise TuningError(f"register() takes a Method subclass with a kind, got {method!r}")
+    if not isinstance(getattr(method, "component", None), type):
+        raise TuningError(f"{method.__name__} has no component: set {method.__name__}.component to its Component class")
+    known = METHODS.get(method.kind)
+    if known is not None and known is not method:
+        raise TuningError(f"a method of kind {method.kind!r} is already registered ({known.__name__})")
+    METHODS[method.kind] = method
+    return method
 
 
 def method_from_dict(data: dict) -> Method:
@@ -41,10 +58,18 @@ def method_from_dict(data: dict) -> Method:
         if not _fits(value, hints[name]):
             raise TuningFileError(f"bad settings for method {kind!r}: {name} must be {_describe(hints[name])}, "
                                   f"got {str(value)[:40]!r}")
+        data[name] = _from_json(value, hints[name])
     try:
         return cls(**data)
     except TypeError as err:
         raise TuningFileError(f"bad settings for method {kind!r}: {err}") from err
+
+
+def _from_json(value, hint):
+    """A JSON list as the tuple a field declares (a config then equals the one that was saved)."""
+    if isinstance(value, list) and any(typing.get_origin(h) is tuple for h in (hint, *typing.get_args(hint))):
+        return tuple(value)
+    return value
 
 
 def _fits(value, hint) -> bool:
@@ -78,4 +103,4 @@ def _describe(hint) -> str:
 
 
 __all__ = ["IA3", "METHODS", "Adapter", "BitFit", "DoRA", "FullFineTuning", "LoRA", "Method", "PrefixTuning", "PromptTuning",
-           "method_from_dict"]
+           "method_from_dict", "register"]

@@ -37,8 +37,12 @@ class Method:
 
     kind: ClassVar[str] = ""
     component: ClassVar[type[Component]]
-    # True for a method whose tuning is the model's own weights (full fine-tuning): it cannot share a model.
+    # True for a method whose tuning is the model's own weights (full fine-tuning): it cannot share a model, and
+    # its tuning holds the model's task head too (other methods' tunings carry a head of their own).
     writes_base: ClassVar[bool] = False
+    # Why this method cannot train over a base whose linear weights are quantised, if it cannot ("" if it can):
+    # DoRA reads each frozen weight's norm. A method that writes the base is refused there anyway.
+    needs_base_weights: ClassVar[str] = ""
     # AdamW's learning rate when a run gives none: `default_lr` for `slimtune train` and `Trainer` (hundreds of
     # steps), `compare_lr` for the 40-step budgets of `slimtune compare`. Read through `learning_rate()`.
     default_lr: ClassVar[float]
@@ -280,6 +284,21 @@ class Component(nn.Module):
 
     def prepare(self, routing: Routing) -> None:
         """Called once per batch before the model runs (e.g. compute a reparameterised prefix once)."""
+
+    # A method that puts positions of its own into its rows' inputs (prompt tuning's soft tokens) sets this and
+    # implements `prepend` and `lengths`; at most one such method is in a bank's batch at a time.
+    prepends: ClassVar[bool] = False
+
+    def lengths(self, routing: Routing, batch: int) -> torch.Tensor:
+        """[batch]: the positions this method puts before each row's input (0 on rows that are not its own)."""
+        raise NotImplementedError
+
+    def prepend(self, routing: Routing, embeds: torch.Tensor, mask: torch.Tensor, left: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Insert this method's positions into each of its rows' input embeddings `embeds` [B, L, d] (`mask` [B, L]
+        over them; `left`: the model pads on the left). Returns (embeds, mask, starts): row b's own input then
+        begins at column starts[b]."""
+        raise NotImplementedError
 
     # A method whose whole effect on later tokens is keys and values at the attention layers (prefix tuning) sets
     # this and implements `into_cache`: an engine's decoding steps then run its rows as the base model's.

@@ -40,6 +40,7 @@ class DoRA(LoRA):
     # LoRA's rates (inherited, as are its options): DoRA trains LoRA's A and B, and a magnitude that starts at
     # ‖W‖, as PEFT's `use_dora` does on a LoRA config of the same learning rate.
     label = "DoRA"
+    needs_base_weights = "DoRA reads the norm of each frozen weight"
 
 
 class DoRATuning(LoRATuning):

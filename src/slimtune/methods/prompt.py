@@ -109,6 +109,7 @@ class PromptTuningParameters(nn.Module):
 
 class PromptComponent(Component):
     kind = "prompt"
+    prepends = True
     lives_in_cache = True  # the virtual tokens are inputs of the prefill: their keys and values are in the cache
 
     def into_cache(self, routing: Routing, cache, mask: torch.Tensor) -> torch.Tensor:
