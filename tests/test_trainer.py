@@ -171,15 +171,16 @@ def test_trls_sft_trainer_trains_a_tuning_and_saves_only_it(tmp_path):
                                atol=0, rtol=0)
 
 
-def test_accelerate_launch_with_two_processes_equals_one_at_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("bank", [False, True], ids=["tuning", "bank"])
+def test_accelerate_launch_with_two_processes_equals_one_at_the_same_global_batch(tmp_path, bank):
     import trainer_launch
 
-    trainer_launch.main(str(tmp_path / "one"), 8)
+    trainer_launch.main(str(tmp_path / "one"), 8, bank)
     here = Path(__file__).parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-               str(here / "trainer_launch.py"), str(tmp_path / "two"), "4"]
+               str(here / "trainer_launch.py"), str(tmp_path / "two"), "4", *(["bank"] if bank else [])]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one = load_file(tmp_path / "one" / "model.safetensors")
@@ -187,6 +188,11 @@ def test_accelerate_launch_with_two_processes_equals_one_at_the_same_global_batc
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=5e-5, rtol=1e-4)  # Adam steps magnify the summing order
+    if bank:  # carol had no rows in any process: she is where she started
+        start = trainer_launch.tuning(bank=True).state_dict()
+        carol = [n for n in one if slot_key("carol") in n and not n.endswith(hf.RECORD_KEY)]
+        assert carol and all(torch.equal(two[n], start[n]) for n in carol)
+        assert any(not torch.equal(two[n], start[n]) for n in one if slot_key("bob") in n and not n.endswith(hf.RECORD_KEY))
 
 
 def user_data(bank: slimtune.TunedBank, users: list[str], rows: int = 16, length: int = 8, seed: int = 0):
@@ -254,3 +260,42 @@ def test_a_resumed_bank_ends_where_an_uninterrupted_run_ends(tmp_path):
     expected = bank_parameters(whole)
     for name, p in bank_parameters(resumed).items():
         torch.testing.assert_close(p, expected[name], atol=1e-6, rtol=0)
+
+
+def test_trls_sft_trainer_trains_a_bank_of_users_each_from_their_own_rows(tmp_path):
+    trl = pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(0)
+    tuned = tuned_bank()
+    texts = [" ".join(f"t{i}" for i in torch.randint(2, VOCAB, (8,), generator=g).tolist()) for _ in range(16)]
+    data = datasets.Dataset.from_dict({"text": texts, "user": tuned.user_ids(["alice", "bob"] * 8)})
+    start = bank_parameters(tuned)
+
+    def config(out):
+        return trl.SFTConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, disable_tqdm=True, save_steps=3, remove_unused_columns=False)
+
+    trainer = trl.SFTTrainer(model=tuned, args=config(tmp_path), train_dataset=data, processing_class=vocab_tokenizer())
+    trainer.data_collator = tuned.collator(trainer.data_collator)
+    trainer.train()
+    for name, value in bank_parameters(tuned).items():
+        assert (not torch.equal(start[name], value)) == (slot_key("carol") not in name), name  # carol had no rows
+    saved = load_file(tmp_path / "checkpoint-3" / "model.safetensors")
+    assert set(saved) == set(tuned.state_dict())  # the users' tunings alone
+    # each user's rows trained that user: the same run with bob's rows given to alice leaves bob where he started
+    again = tuned_bank()
+    data = datasets.Dataset.from_dict({"text": texts, "user": again.user_ids(["alice"] * 16)})
+    trainer = trl.SFTTrainer(model=again, args=config(tmp_path / "b"),
+                             train_dataset=data, processing_class=vocab_tokenizer())
+    trainer.data_collator = again.collator(trainer.data_collator)
+    trainer.train()
+    for name, value in bank_parameters(again).items():
+        assert (not torch.equal(start[name], value)) == (slot_key("alice") in name), name
+
+
+def test_the_bank_collator_says_what_is_missing():
+    tuned = tuned_bank()
+    collate = tuned.collator()
+    with pytest.raises(slimtune.TuningError, match="remove_unused_columns=False"):
+        collate([{"input_ids": [2, 3]}])
+    batch = collate([{"input_ids": [2, 3], "user": 1}, {"input_ids": [4, 5], "user": 0}])
+    assert batch["user"].tolist() == [1, 0] and batch["input_ids"].shape == (2, 2)

@@ -65,7 +65,31 @@ class Body:
     def __call__(self, *args, **kwargs):
         if args:
             kwargs = inspect.signature(self.tuned.model.forward).bind_partial(*args, **kwargs).arguments
-        return self.tuned.bank(users=self.tuned._users(kwargs), hidden_states_only=True, **kwargs)
+        return self.tuned.bank(users=self.tuned._row_users(kwargs), hidden_states_only=True, **kwargs)
+
+
+class UserCollator:
+    """A data collator that carries each example's `user` (a `TunedBank`'s row owners) past one that drops it (TRL's
+    SFTTrainer collates the token columns only), as a tensor in the batch."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if any("user" not in example for example in examples):
+            raise TuningError(
+                "an example has no `user` column (each row's index into TunedBank.users): give the dataset one, e.g. "
+                "from TunedBank.user_ids; TRL's SFTTrainer removes the columns it does not know unless "
+                "SFTConfig(remove_unused_columns=False)")
+        users = [example["user"] for example in examples]
+        batch = self.inner([{k: v for k, v in example.items() if k != "user"} for example in examples])
+        rows = batch["input_ids"].shape[0]
+        if rows != len(examples):
+            raise TuningError(
+                f"the collator put {len(examples)} examples into {rows} rows (packing or padding-free batches): a row "
+                "must hold one user's example; turn packing and padding_free off")
+        batch["user"] = torch.as_tensor(users, dtype=torch.long)
+        return batch
 
 
 def trainable(tuned: TunedModel) -> dict[str, nn.Parameter]:
