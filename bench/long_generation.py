@@ -68,18 +68,42 @@ def served(engine: Engine, users: list, ids: torch.Tensor, new: int) -> float:
 
 
 def step_times(engine: Engine) -> list[tuple[int, float]]:
-    """Wraps the engine's decoding step: (cache width, seconds) of each step from now on."""
+    """Wraps the engine's decoding step (its compiled step, with `--compile`): (cache width, seconds) of each step
+    from now on. Undo with `unwrap(engine)`."""
     out: list[tuple[int, float]] = []
-    decode = engine.bank.decode
+    owner = engine._captured if engine._captured is not None else engine.bank
+    name = "step" if engine._captured is not None else "decode"
+    step = getattr(owner, name)
 
     def timed(ids, mask, users, cache):
         start = time.perf_counter()
-        logits = decode(ids, mask, users, cache)
+        logits = step(ids, mask, users, cache)
         out.append((mask.shape[1], time.perf_counter() - start))
         return logits
 
-    engine.bank.decode = timed
+    setattr(owner, name, timed)
     return out
+
+
+def unwrap(engine: Engine) -> None:
+    if engine._captured is not None:
+        del engine._captured.step
+    else:
+        del engine.bank.decode
+
+
+def warm(engine: Engine, users: list, ids: torch.Tensor, new: int) -> dict:
+    """With `--compile`: serve the whole run until no step runs eagerly for want of a graph (each batch shape and
+    cache width the run reaches gets its graph, compiled in the background), so the timed runs are compiled ones."""
+    if engine._captured is None:
+        return {}
+    for _ in range(4):
+        before = engine.stats.eager_steps_while_compiling
+        served(engine, users, ids, new)
+        engine._captured.wait()
+        if engine.stats.eager_steps_while_compiling == before:
+            break
+    return {"compiles": engine._captured.compiles, "compile_seconds": round(engine._captured.compile_seconds, 1)}
 
 
 def buckets(steps: list[tuple[int, float]], count: int = 8) -> list[dict]:
@@ -121,6 +145,8 @@ def main() -> None:
     p.add_argument("--every", type=float, default=0.05, help="seconds between arrivals")
     p.add_argument("--out", default="bench/results/long_generation.json")
     p.add_argument("--label", default="", help="what is measured (e.g. the commit), kept in the report")
+    p.add_argument("--compile", default=None, help="run the engines' decoding steps compiled with this torch.compile "
+                   "backend (inductor, aot_eager), warmed up until every shape of the run has its graph")
     p.add_argument("--plot", default=None, help="a PNG of step time against cache width (needs matplotlib)")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -135,8 +161,9 @@ def main() -> None:
     eos = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     tokenizer = _IdsTokenizer(vocab, eos)
     ids = prompts_of(args.rows, args.length, vocab, seed=1)
-    base = Engine(model, tokenizer, max_batch=args.rows)
-    lora = Engine(model, tokenizer, max_batch=args.rows)
+    compiled = args.compile or False
+    base = Engine(model, tokenizer, max_batch=args.rows, compile=compiled)
+    lora = Engine(model, tokenizer, max_batch=args.rows, compile=compiled)
     users = [f"u{i}" for i in range(args.rows)]
     for i, user in enumerate(users):
         lora.add(user, slimtune.LoRA(rank=8))
@@ -151,6 +178,9 @@ def main() -> None:
         hf_generate(model, ids[:, :8], 4, eos)  # warm up
         served(base, [None] * args.rows, ids[:, :8], 4)
         served(lora, users, ids[:, :8], 4)
+        warmed = {"engine base": warm(base, [None] * args.rows, ids, args.new),
+                  "engine lora": warm(lora, users, ids, args.new)}
+        eager_before = {name: e.stats.eager_steps_while_compiling for name, e in (("engine base", base), ("engine lora", lora))}
         for repeat in range(args.repeats):
             times["generate"].append(hf_generate(model, ids, args.new, eos))
             cpu["generate"].append(CPU["last"])
@@ -159,10 +189,12 @@ def main() -> None:
             cpu["engine base"].append(CPU["last"])
             if recording is not None:
                 steps = recording
-                del base.bank.decode  # the recording wrapper: only this run's steps
+                unwrap(base)  # the recording wrapper: only this run's steps
             times["engine lora"].append(served(lora, users, ids, args.new))
             cpu["engine lora"].append(CPU["last"])
             print(json.dumps({k: round(v[-1], 2) for k, v in times.items()}), flush=True)
+        eager_timed = {name: e.stats.eager_steps_while_compiling - eager_before[name]
+                       for name, e in (("engine base", base), ("engine lora", lora))}
         lora.close()
         lora.bank.detach()
         late = prompts_of(args.arrivals, args.length, vocab, seed=2)
@@ -193,6 +225,8 @@ def main() -> None:
                      "ratio": round(batch_seconds / arrival_seconds, 3)},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "label": args.label,
+        "compiled": {"backend": args.compile, "warm_up": warmed, "eager_steps_in_timed_runs": eager_timed}
+        if args.compile else None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
