@@ -24,11 +24,17 @@ process on the trace's first requests; each figure is the median over the repeat
 of the per-repeat ratios, so a machine whose load drifts still compares like with like. An open-loop trace
 near the engine's capacity is sensitive to other work on the machine: a slower stretch grows a queue. On a
 machine shared with other jobs, `--threads 1` avoids oversubscribed torch threads (runs 5x slower were seen).
-The default `--rate` is per model (`RATES`): the engine busy but not saturated on 2 CPU cores.
+The default `--rate` is per model (`RATES`): the engine busy but not saturated on 2 CPU cores. A higher one
+(`--rate 6` on SmolLM2-135M, 2 cores: about 4.7 requests/s fill 32 rows) saturates it: the batch is full
+(`full_steps`, the share of decoding steps with `--batch` rows) and a queue grows, so the time to first token
+is mostly the wait for a free row; loads then compete with full decoding steps. The engine's own load timings
+are reported when it has them: `load_seconds` (reading tunings, in the background) and `load_stall_seconds`
+(putting them into the bank, on the worker: the batch waits for that part).
 
     python bench/zipf_residency.py                   # SmolLM2-135M, 1000 tunings, 64 slots, 512 requests (est. 25 min on 2 cores)
     python bench/zipf_residency.py --tiny --tunings 200 --requests 128 --out /tmp/zipf.json   # checks the script
     python bench/zipf_residency.py --tiny --tunings 200 --requests 128 --slots 16 --out /tmp/zipf16.json  # evictions
+    python bench/zipf_residency.py --rate 6 --threads 2 --out bench/results/zipf_residency_saturated.json  # a full batch
 
 Prints one JSON line per configuration and writes `--out` (default bench/results/zipf_residency.json).
 """
@@ -118,8 +124,11 @@ def serve(model, tokenizer, store, trace: list[dict], slots: int, batch: int, ne
     try:
         engine.generate(None, trace[0]["prompt"], max_new_tokens=4, ignore_eos=True)  # warm up: the base model only
         loads, evictions = engine.stats.loads, engine.stats.evictions
+        load_times = {key: getattr(engine.stats, key, None) for key in ("load_seconds", "load_stall_seconds")}
         seconds, timings = asyncio.run(replay(engine, trace, new))
         loads, evictions = engine.stats.loads - loads, engine.stats.evictions - evictions
+        load_times = {key: None if was is None else round(getattr(engine.stats, key) - was, 3)
+                      for key, was in load_times.items()}  # None: an engine that loads on its worker
         memory = engine.memory() if hasattr(engine, "memory") else None
         steps = list(engine.stats.batch_rows)
     finally:
@@ -135,6 +144,8 @@ def serve(model, tokenizer, store, trace: list[dict], slots: int, batch: int, ne
         "latency_ms": {"p50": percentile(latency, 50), "p99": percentile(latency, 99)},
         "loads": loads, "evictions": evictions, "hit_rate": round(1 - loads / len(trace), 4),
         "mean_batch_rows": round(float(np.mean(steps)), 1) if steps else 0.0,  # of the last 1000 decoding steps
+        "full_steps": round(float(np.mean([rows == batch for rows in steps])), 3) if steps else 0.0,  # of those too
+        **load_times,
         "memory": memory,
     }
 
@@ -148,6 +159,8 @@ def summary(runs: list[dict]) -> dict:
             "ttft_ms": {"p50": med("ttft_ms", "p50"), "p99": med("ttft_ms", "p99")},
             "latency_ms": {"p50": med("latency_ms", "p50"), "p99": med("latency_ms", "p99")},
             "loads": med("loads"), "evictions": med("evictions"), "hit_rate": med("hit_rate"),
+            "full_steps": med("full_steps"), **{key: med(key) for key in ("load_seconds", "load_stall_seconds")
+                                                if runs[0][key] is not None},
             "memory": runs[-1]["memory"], "repeats": runs}
 
 

@@ -12,8 +12,10 @@ two decoding steps the worker
    done (iteration-level scheduling, as Orca and vLLM do).
 
 Tunings are loaded from a `Store` on demand into a bank of at most `max_resident` users, and the
-least recently used one not in the running batch is evicted to make room. The store may be shared with
-other processes: a tuning they replace or delete is noticed at its next request (`serving.residency`).
+least recently used one not in the running batch is evicted to make room. A load is read in the background:
+the batch steps on and other requests join it meanwhile; a request joins once its tuning is in. The store
+may be shared with other processes: a tuning they replace or delete is noticed at its next request
+(`serving.residency`).
 
 Each row's result is what its tuning gives alone: rows never see each other (left padding is
 masked, positions follow each row's own mask), and a row's sampling uses only its own seed.
@@ -302,8 +304,11 @@ class EngineStats:
     generated_tokens: int = 0
     steps: int = 0
     batch_rows: deque = field(default_factory=lambda: deque(maxlen=1000))  # rows per decoding step, recent
-    loads: int = 0
+    loads: int = 0  # tunings put into the bank from the store
     evictions: int = 0
+    loading: int = 0  # tunings being read from the store now, in the background (their requests wait, no others)
+    load_seconds: float = 0.0  # time spent reading and checking tunings from the store, off the worker
+    load_stall_seconds: float = 0.0  # time the worker spent putting loaded tunings into the bank: the batch waited
     cache_relayouts: int = 0  # times the batch's KV cache was copied into new buffers (it grows like an array)
     compiled_steps: int = 0  # decoding steps run by the compiled step (`compile=True`; the others ran eagerly)
     compiles: int = 0  # graphs the compiled step made (one per batch shape and slot-table layout)
@@ -354,9 +359,10 @@ class Engine:
                                           on_compile=self._count_compiled)
         self._tasks: dict[str, dict | None] = {}
         self._task_versions: dict[str, str | None] = {}  # the store's version each task was read from
-        self._residency = Residency(self.bank, store, max_resident, self.stats, self._in_use,
-                                    lambda user: self._tasks.pop(user, None))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._residency = Residency(self.bank, store, max_resident, self.stats, self._in_use,
+                                    lambda user: self._tasks.pop(user, None),
+                                    lambda: self._inbox.put(("wake", None, None)))
         self._waiting = _Waiting()
         self._scoring: deque[_Scoring] = deque()
         self._fair = FairShare()  # who is owed the next turn: see `fairness`
@@ -607,6 +613,7 @@ class Engine:
         self._inbox.put(("wake", None, None))
         if self._worker is not None:
             self._worker.join()
+        self._residency.close()  # after the worker: with `wait`, requests still waiting for a load were served
         if self._captured is not None:
             self._captured.close(wait)  # what is queued is dropped; with `wait`, the running compile ends first
         self.bank.detach()  # the model is the caller's: it leaves as it came, with none of the bank's hooks
@@ -640,20 +647,23 @@ class Engine:
 
     def _work(self) -> None:
         try:
+            stuck = False  # the last round moved nothing: what waits, waits for a load (or a new request)
             while True:
                 busy = bool(self._running or self._waiting or self._scoring)
                 if not busy and self._closing and self._inbox.empty():
                     return
-                self._take(block=not busy)
+                self._take(block=not busy or stuck)  # a load that ends wakes it (`Residency.on_loaded`)
                 try:
                     with torch.inference_mode(), self._lock:
-                        self._score()
-                        self._admit()
+                        moved = self._score()
+                        moved = self._admit() or moved
                         if self._running:
                             self._step()
                         self.stats.memory = self.bank.memory()
+                    stuck = not (moved or self._running)
                 except Exception as err:  # a fault of the engine's own: each request's errors are caught nearer
                     self._fail_all(err)
+                    stuck = False
         finally:  # even a BaseException: no request is left waiting for an answer that cannot come
             self._fail_all(EngineClosedError("the engine stopped"))
 
@@ -702,17 +712,20 @@ class Engine:
         """Score one batch of at most `max_batch` waiting classification rows, of one or several requests
         (a long request goes on at the next step: generation is not held up behind it), when it is their
         tenants' turn: no tenant with generations waiting or running has had less service (`fairness`).
-        A batch that fails is run again request by request, so an error fails only the request it came from."""
+        A batch that fails is run again request by request, so an error fails only the request it came from.
+        Returns whether a request was scored or failed."""
         if not self._scoring:
-            return
+            return False
         generating = {row.request.owner for row in self._running} | set(self._waiting.tenants())
         least = self._fair.least(generating)
         jobs = sorted(self._scoring, key=lambda job: self._fair.served(job.owner))  # stable: in arrival order per tenant
         if least is not None and self._fair.served(jobs[0].owner) > least:
-            return
+            return False
         batch: list[tuple[_Scoring, int, int]] = []  # (request, first row, end)
-        rows, keep = 0, set()
+        rows, keep, held, failed = 0, set(), set(), False
         for job in jobs:
+            if job.owner in held:
+                continue  # a tenant's requests are scored in the order they came
             if rows >= self.max_batch or (batch and (job.head or batch[0][0].head)):
                 break  # a head's inputs are its format's to tokenise: it runs alone
             try:
@@ -720,15 +733,17 @@ class Engine:
             except Exception as err:  # deleted meanwhile, or unreadable: this request fails, no other
                 self._scoring.remove(job)
                 job.channel.put(("error", err))
+                failed = True
                 continue
             if not resident:
-                break
+                held.add(job.owner)  # its tuning is loading (or the bank is full of tunings in use): others go on
+                continue
             take = min(job.size - job.next, self.max_batch - rows)
             batch.append((job, job.next, job.next + take))
             rows += take
             keep.add(job.user)
         if not batch:
-            return
+            return failed
         try:
             results: list = self._score_rows(batch)
         except Exception as err:
@@ -745,6 +760,7 @@ class Engine:
             if job.next >= job.size:
                 self._scoring.remove(job)
                 job.channel.put(("done", job.answer()))
+        return True
 
     def _score_alone(self, part: tuple[_Scoring, int, int]) -> tuple[torch.Tensor, int] | Exception:
         try:
@@ -772,12 +788,14 @@ class Engine:
 
     # generation
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
         """Move waiting generations into the running batch while it has room, the least served tenant's
-        first (`fairness`), each tenant's in the order they came."""
+        first (`fairness`), each tenant's in the order they came; a tenant whose next request's tuning is not in
+        the bank yet (loading) waits, the others go on. Returns whether a request left the waiting line."""
         new: list[_Row] = []
         keep = {row.request.user for row in self._running if row.request.user is not None}
-        blocked: set[str] = set()  # tenants whose next request's tuning cannot be loaded until rows finish
+        blocked: set[str] = set()  # tenants whose next request's tuning is loading, or cannot be until rows finish
+        moved = False
         while len(self._running) + len(new) < self.max_batch:
             tenant = next((t for t in self._fair.order(self._waiting.tenants()) if t not in blocked), None)
             if tenant is None:
@@ -786,15 +804,17 @@ class Engine:
             if handle.cancelled:
                 self._waiting.pop(tenant)
                 self._finish(_Row(handle, ids, None, RowText(self.tokenizer)), "cancelled")
+                moved = True
                 continue
             try:
                 resident = self._make_resident(handle.request.user, keep)
             except Exception as err:  # deleted meanwhile, or unreadable: this request fails, no other
                 self._waiting.pop(tenant)
                 handle._channel.put(("error", err))
+                moved = True
                 continue
             if not resident:
-                blocked.add(tenant)  # the bank is full of tunings in use; wait for rows to finish
+                blocked.add(tenant)  # loading in the background, or the bank is full of tunings in use
                 continue
             self._waiting.pop(tenant)
             self._fair.charge(tenant, len(ids))
@@ -806,18 +826,19 @@ class Engine:
                 generator.manual_seed(seed if seed is not None else int(time.time_ns() % (2**63)))
             new.append(_Row(handle, ids, generator, RowText(self.tokenizer, handle.request.stop)))
         if not new:
-            return
+            return moved
         try:
             self._prefill(new)
         except Exception as err:  # one of them cannot run: find which, alone; the others join as usual
             if len(new) == 1:
                 self._fail_rows(new, err)
-                return
+                return True
             for row in new:
                 try:
                     self._prefill([row])
                 except Exception as alone:
                     self._fail_rows([row], alone)
+        return True
 
     def _prefill(self, new: list[_Row]) -> None:
         """Prefill new rows' prompts into a fresh cache and join them to the running batch."""
