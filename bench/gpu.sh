@@ -21,10 +21,7 @@ status=0
 timeout "$limit" "$python" bench/many_users.py "${model[@]}" --rows "${rows[@]}" --length 128 --repeats "$repeats" \
     --methods prefix prompt lora adapter ia3 dora mix --skip scaling layouts compiled \
     --out "$out/many_users_gpu.json" || status=$?
-# One process per method: in one process, a second bank's compiled step on the same model (after the first bank
-# was detached) found no graph it could run (seen on the CPU with aot_eager); an engine has one bank, so this is the
-# benchmark's pattern, not a server's. On the tiny model of --check, the seven-method mix's compiled step also
-# finds no graph (its process fails last, the others' results stand); on SmolLM2 on the CPU it ran (docs).
+# One process per method, each with its own time limit (a compile that runs long costs only its own figure).
 for method in lora prefix adapter mix; do
     timeout $((limit / 4)) "$python" bench/many_users.py "${model[@]}" --rows "$compiled_rows" --length 128 \
         --repeats "$repeats" --methods "$method" --skip forward generation peft scaling layouts ops --compile "$backend" \

@@ -10,7 +10,8 @@ In one process, on one model, with B rows each from a *different* user:
 - HF PEFT on the same model: LoRA with its mixed `adapter_names` batch, and prompt and prefix
   tuning through one `set_adapter` + forward (or generate) per user, since PEFT cannot mix them;
   plus two correctness checks of PEFT against slimtune;
-- throughput and memory as the bank holds 1, 16, 256 and 1,024 tunings;
+- throughput (prefill and one decoding step) and memory as the bank holds 1, 16, 256 and 1,024 tunings
+  (`--stored`; `--stored-methods lora --stored 4096`: 4,096 LoRA tunings), B distinct users drawn from them;
 - one decoding step after a prefill (`Bank.decode`, a transformers cache), each method's mixed batch against
   the base model: its time, and its top-level `aten::` ops (`torch.profiler`), the CPU's stand-in for a GPU's
   kernel launches;
@@ -105,10 +106,10 @@ def rss_bytes() -> int:
     return 0
 
 
-def make_bank(model, users: int, kinds: list[str]) -> tuple[slimtune.Bank, list[str]]:
+def make_bank(model, users: int, kinds: list[str], slots: int = 0) -> tuple[slimtune.Bank, list[str]]:
     """A bank of `users` tunings of `kinds` in turn, as an engine holds them (`serving`: tunings change only by
-    add and remove)."""
-    bank = slimtune.Bank(model, serving=True)
+    add and remove; `slots`: each table made with room for that many, as an engine makes them for `max_resident`)."""
+    bank = slimtune.Bank(model, serving=True, slots=slots)
     names = []
     for i in range(users):
         bank.add(f"u{i}", METHODS[kinds[i % len(kinds)]]())
@@ -404,16 +405,20 @@ class Bench:
         breaks and top-level aten ops (`top_level_ops`)."""
         backend = self.args.compile
         ids, mask = self.batch(rows, seed=2)
+        # Each compiled step on a model of its own (the same weights): a server has one bank per model, and a
+        # graph traced on a model that another bank's tunings then change (BitFit adds biases to its layers) fails
+        # its guards, so two banks' compiled steps on one model would keep recompiling each other's graphs.
         with torch.inference_mode():
             eager = decoder(slimtune.Bank(self.model), [None] * rows, ids, mask)
-            base, made = compiled_decoder(slimtune.Bank(self.model, serving=True), [None] * rows, ids, mask, backend)
+            base, made = compiled_decoder(slimtune.Bank(copy.deepcopy(self.model), serving=True), [None] * rows, ids,
+                                          mask, backend)
             base_ops = top_level_ops(base)
             _, s, ratio = paired(eager, base, self.args.repeats * 4, self.device)
             self.record("compiled step", f"base model compiled ({backend}) against eager", rows, rows, s, ratio,
                         compile_seconds=round(made.compile_seconds, 1), graphs=made.compiles,
                         graph_breaks=made.graph_breaks, ops=base_ops, eager_ops=top_level_ops(eager))
             for method in self.args.methods:
-                bank, users = make_bank(self.model, rows, list(METHODS) if method == "mix" else [method])
+                bank, users = make_bank(copy.deepcopy(self.model), rows, list(METHODS) if method == "mix" else [method])
                 step, made = compiled_decoder(bank, users, ids, mask, backend)
                 ops = top_level_ops(step)
                 _, s, ratio = paired(base, step, self.args.repeats * 4, self.device)
@@ -442,26 +447,43 @@ class Bench:
     # --- stored tunings ----------------------------------------------------------------------------
 
     def scaling(self, rows: int) -> None:
+        """Banks of `--stored` tunings of `--stored-methods` in turn (each table made with room for all of them, as an
+        engine makes it for `max_resident`): a prefill and a decoding step of `rows` distinct users drawn from the
+        bank, each as a ratio to the base model's, with the tables' bytes and the process's growth."""
         ids, mask = self.batch(rows)
         tokens = rows * self.args.length
         model = self.model
+        kinds = self.args.stored_methods
+        label = "mixed methods" if kinds == list(METHODS) else ", ".join(kinds)
 
         def base():
             return model(input_ids=ids, attention_mask=mask)
 
+        g = torch.Generator().manual_seed(0)
         for count in self.args.stored:
             before = rss_bytes()
-            bank, names = make_bank(model, count, list(METHODS))
-            users = [names[r % count] for r in range(rows)]
+            began = time.perf_counter()
+            bank, names = make_bank(model, count, kinds, slots=count)
+            added = time.perf_counter() - began
+            users = [names[i] for i in torch.randperm(count, generator=g)[:rows].tolist()]
+            users += [users[r % len(users)] for r in range(len(users), rows)]  # fewer tunings than rows: repeat
 
             def mixed(b=bank, u=users):
                 return b(input_ids=ids, attention_mask=mask, users=u)
 
+            memory = bank.memory()
+            config = f"bank of {count} tunings ({label}), {min(rows, count)} distinct users"
             with torch.inference_mode():
                 _, s, ratio = paired(base, mixed, self.args.repeats, self.device)
-            self.record("stored tunings", f"bank of {count} tunings (mixed methods), {min(rows, count)} distinct users",
-                        rows, tokens, s, ratio, stored=count, tuning_bytes=tuning_bytes(bank),
-                        rss_growth_bytes=rss_bytes() - before)
+                self.record("stored tunings", config, rows, tokens, s, ratio, stored=count,
+                            tuning_bytes=tuning_bytes(bank), table_bytes=memory["tables"],
+                            rss_growth_bytes=rss_bytes() - before, add_seconds=round(added, 1))
+                base_step = decoder(slimtune.Bank(model), [None] * rows, ids, mask)
+                step = decoder(bank, users, ids, mask)
+                _, s, ratio = paired(base_step, step, self.args.repeats * 4, self.device)
+                self.record("stored tunings, decoding step", config, rows, rows, s, ratio, stored=count,
+                            rss_growth_bytes=rss_bytes() - before)
+            del base_step, step, mixed
             bank.detach()
             del bank
 
@@ -478,6 +500,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loop-rows", type=int, default=16, help="time the one-at-a-time loop up to this many rows")
     p.add_argument("--stored", type=int, nargs="+", default=[1, 16, 256, 1024])
+    p.add_argument("--stored-methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="the methods of the stored tunings, in turn (default: all seven)")
     p.add_argument("--methods", nargs="+", default=[*METHODS, "mix"], choices=[*METHODS, "mix"])
     p.add_argument("--skip", nargs="*", default=[],
                    choices=["forward", "generation", "peft", "scaling", "ops", "layouts", "compiled"])

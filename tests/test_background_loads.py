@@ -214,3 +214,23 @@ def test_closing_the_engine_serves_what_waits_for_a_load_and_stops_the_loading_t
     engine.close(wait=True)
     assert finished([waiting])[0].token_ids == outputs["c"]
     assert not [t for t in threading.enumerate() if t.name.startswith(("slimtune-loads", "slimtune-engine"))]
+
+
+def test_a_loaded_tuning_is_built_on_the_loading_thread_and_the_worker_only_puts_it_in(tmp_path, saved, monkeypatch):
+    """Building a tuning's modules from its tensors (every shape checked) was the larger part of a load, and ran
+    on the worker between two steps: every tenant's rows waited for it."""
+    from slimtune.methods.lora import LoRAComponent
+    from slimtune.methods.slots import SlotTable
+
+    folders, outputs = saved
+    store, engine = serving(tmp_path, folders)
+    made, put = [], []
+    real_make, real_put = LoRAComponent.from_state, SlotTable.add
+    monkeypatch.setattr(LoRAComponent, "from_state",
+                        lambda self, *a: made.append(threading.current_thread().name) or real_make(self, *a))
+    monkeypatch.setattr(SlotTable, "add", lambda self, *a: put.append(threading.current_thread().name) or real_put(self, *a))
+    results = finished([stream(engine, name) for name in ["a", "b", "c"]])
+    assert [r.token_ids for r in results] == [outputs[name] for name in ["a", "b", "c"]]
+    assert made and all(name.startswith("slimtune-loads") for name in made), made
+    assert put and all(name == "slimtune-engine" for name in put), put
+    engine.close()

@@ -72,7 +72,7 @@ class GainComponent(SiteComponent):
     def site_tensors(self, user: str, name: str) -> tuple[nn.Parameter, ...]:
         return (self.tuning(user).gain[site_key(name)],)
 
-    def stacked_apply(self, name: str, users: list[str], params: RowParams, out: torch.Tensor) -> torch.Tensor:
+    def stacked_apply(self, name: str, group: tuple, params: RowParams, out: torch.Tensor) -> torch.Tensor:
         return out * params.vector(0).view(out.shape[0], *[1] * (out.dim() - 2), out.shape[-1])
 
     def build(self, method: OutputGain, context: InitContext) -> nn.Module:

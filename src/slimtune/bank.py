@@ -12,7 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,21 +27,38 @@ from .quantize import check_method as check_quantised_method
 from .routing import Routing, keep_routing_in_checkpoints, routed
 
 
+class Built(NamedTuple):
+    """A tuning built for a bank (`Bank.build`), for `Bank.add` to put in: its modules made and checked against
+    the model, on the model's device and dtype. A method that writes the model's weights is built by `add`
+    itself, from `source` (`body` and `head` are None then)."""
+
+    method: Method
+    body: nn.Module | None
+    head: nn.Module | None
+    source: Any = None
+
+
 class Bank(nn.Module):
     """Many users' tunings over one shared, frozen model."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, frozen: bool = False, serving: bool = False):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, frozen: bool = False, serving: bool = False,
+                 slots: int = 0):
         """`frozen=True`: the model must stay exactly as it is (a server's shared model): tunings that write
         its weights (a full fine-tune) are refused even when the bank is empty.
 
         `serving=True` (an engine's bank): tunings change only through `add` and `remove`, never in place, so
         the parameters gathered for one batch layout are kept for the calls that follow with the same rows (the
-        decoding steps), instead of being gathered from the slot tables at every call."""
+        decoding steps), instead of being gathered from the slot tables at every call.
+
+        `slots` (an engine's `max_resident`): each slot table is made with room for that many tunings of its shape,
+        so that one holding no more is never reallocated (nor a compiled step over it compiled again); each shape
+        in use then takes `slots` × one tuning's bytes from its first tuning on. 0: tables grow as they fill."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.frozen = frozen
         self.serving = serving
+        self.slots = slots
         self.parts = nn.ModuleDict()  # method kind -> Component holding every user of that method
         self._methods: dict[str, Method] = {}
         self._takes_positions = modules.accepts(model, "position_ids")
@@ -61,35 +78,55 @@ class Bank(nn.Module):
         self._check_known(user)
         return self._methods[user]
 
-    def add(self, user: str, tuning: Method | str | os.PathLike | TunedModel | tuple[Method, dict],
+    def add(self, user: str, tuning: Method | str | os.PathLike | TunedModel | tuple[Method, dict] | Built,
             tokenizer: Any = None) -> None:
         """Add `user` with a new tuning (a method config), a saved one (a folder, or a method and its saved
-        tensors) or a trained one (a TunedModel)."""
+        tensors), a trained one (a TunedModel) or one made by `build`."""
         if not isinstance(user, str) or not user:
             raise TuningError(f"a user name must be a non-empty string, got {user!r}")
         if user in self._methods:
             raise TuningError(f"user {user!r} is already in this bank; remove() them first")
+        if isinstance(tuning, Built) and tuning.body is None:
+            tuning = tuning.source
+        if isinstance(tuning, Built):
+            self.check_method(tuning.method)  # the bank may have changed since it was built
+            method, body, head = tuning.method, tuning.body, tuning.head
+        else:
+            method, body, head = self._make(tuning, tokenizer)
+        self._part(method.component).put(user, method, body)
+        if head is not None:
+            self._part(HeadComponent).put(user, None, head)
+        self._methods[user] = method
+
+    def build(self, tuning: Method | str | os.PathLike | TunedModel | tuple[Method, dict], tokenizer: Any = None,
+              guard: Any = None) -> Built:
+        """Build a tuning as `add` would, every shape checked against this model, without adding it: nothing is
+        added to the bank or put on the model, so it may run on another thread while the bank serves others (an
+        engine's loads), and `add(user, built)` then only puts it in. `guard` (a lock) is held only while the
+        method's component is looked up or made."""
+        method, state, _ = self._resolve(tuning)
+        if method.writes_base:  # built by writing the model: only `add` may
+            self.check_method(method)
+            return Built(method, None, None, tuning)
+        return Built(method, *self._make(tuning, tokenizer, guard)[1:])
+
+    def check(self, method: Method, state: dict[str, torch.Tensor], guard: Any = None) -> None:
+        """`build` a saved tuning and let it go: raises what `add` would raise for it."""
+        self.build((method, state), guard=guard)
+
+    def _make(self, tuning: Any, tokenizer: Any, guard: Any = None) -> tuple[Method, nn.Module, nn.Module | None]:
+        """The tuning resolved, checked and made: (method, its module, its task head's or None)."""
         method, state, head_state = self._resolve(tuning)
         self.check_method(method)
         check_quantised_method(method, self.model)  # model tuning and DoRA need the weights themselves
         context = InitContext(tokenizer or self.tokenizer)
-        self._part(method.component).add(user, method, state, context)
-        if modules.head_names(self.model) and not method.writes_base:  # a tuning of the weights holds the head too
-            self._part(HeadComponent).add(user, None, head_state, context)
-        self._methods[user] = method
-
-    def check(self, method: Method, state: dict[str, torch.Tensor], guard: Any = None) -> None:
-        """Build a saved tuning as `add` would, every shape checked against this model, and let it go: nothing
-        is added to the bank or put on the model, so it may run while the bank serves others. `guard` (a lock)
-        is held only while the method's component is looked up or made."""
-        method, body, head = self._resolve((method, state))
-        self.check_method(method)
-        with guard if guard is not None else contextlib.nullcontext():
+        has_head = bool(modules.head_names(self.model)) and not method.writes_base
+        new = any(c.kind not in self.parts for c in (method.component, *[HeadComponent] * has_head))
+        with guard if guard is not None and new else contextlib.nullcontext():  # only a new component needs it
             part = self._part(method.component)
-            head_part = self._part(HeadComponent) if head is not None else None
-        part.from_state(method, body)
-        if head_part is not None:
-            head_part.from_state(None, head)
+            head_part = self._part(HeadComponent) if has_head else None
+        body = part.make(method, state, context)  # (a tuning of the weights holds the head too)
+        return method, body, None if head_part is None else head_part.make(None, head_state, context)
 
     def check_method(self, method: Method) -> None:
         """Refuse a tuning that would write the shared model's weights where others share them (or may)."""
@@ -121,12 +158,14 @@ class Bank(nn.Module):
 
     def memory(self) -> dict[str, int]:
         """Bytes the bank holds beside the model: `tables`, the slot tables (every slot, free ones included);
+        `idle`, the tables whose users all left, kept for their shape's next tuning (`Component.idle`);
         `unslotted`, the tunings without a slot (prompts, task heads, prefixes made by their MLP); `layout`, the
         parameters gathered for the last batch layout (a serving bank); `kept`, values computed from tunings and
         kept between calls (DoRA's gains outside a serving bank, a reparameterised prefix)."""
-        out = {"tables": 0, "unslotted": 0, "layout": 0, "kept": 0}
+        out = {"tables": 0, "idle": 0, "unslotted": 0, "layout": 0, "kept": 0}
         for part in self.parts.values():
             out["tables"] += sum(t.nbytes for t in part.tables.values())
+            out["idle"] += sum(t.nbytes for t in part.idle.values())
             out["layout"] += sum(t.kept_bytes for t in part.tables.values())
             out["kept"] += part._kept_bytes
             if len(part.methods) > sum(len(t.slots) for t in part.tables.values()):  # some tunings have no slot
@@ -165,6 +204,7 @@ class Bank(nn.Module):
     def _part(self, cls: type[Component]) -> Component:
         if cls.kind not in self.parts:
             self.parts[cls.kind] = cls(self.model)
+            self.parts[cls.kind].slots = self.slots
         return self.parts[cls.kind]
 
     def _resolve(self, tuning: Method | str | os.PathLike | TunedModel) -> tuple[Method, dict | None, dict | None]:

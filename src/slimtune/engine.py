@@ -339,7 +339,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.store = store
-        self.bank = Bank(model, tokenizer, frozen=True, serving=True)
+        self.bank = Bank(model, tokenizer, frozen=True, serving=True, slots=max_resident)
         self.max_resident = max_resident
         self.max_batch = max_batch
         config = modules.text_config(model)
@@ -360,9 +360,10 @@ class Engine:
         self._tasks: dict[str, dict | None] = {}
         self._task_versions: dict[str, str | None] = {}  # the store's version each task was read from
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the bank against add/remove while the worker runs
         self._residency = Residency(self.bank, store, max_resident, self.stats, self._in_use,
                                     lambda user: self._tasks.pop(user, None),
-                                    lambda: self._inbox.put(("wake", None, None)))
+                                    lambda: self._inbox.put(("wake", None, None)), guard=self._lock)
         self._waiting = _Waiting()
         self._scoring: deque[_Scoring] = deque()
         self._fair = FairShare()  # who is owed the next turn: see `fairness`
@@ -370,7 +371,6 @@ class Engine:
         self._cache: SlotCache | None = None
         self._relayouts = 0  # of caches gone before this one
         self._mask: torch.Tensor | None = None
-        self._lock = threading.Lock()  # guards the bank against add/remove while the worker runs
         self._starting = threading.Lock()
         self._closing = False
         self._worker: threading.Thread | None = None

@@ -214,8 +214,8 @@ class AdapterComponent(SiteComponent):
         block = self.tuning(user).blocks[site_key(name)]
         return block.down.weight, block.down.bias, block.up.weight, block.up.bias  # [r, d], [r], [d, r], [d]
 
-    def stacked_apply(self, name: str, users: list[str], params: RowParams, h: torch.Tensor) -> torch.Tensor:
-        act = ACTIVATION_FUNCTIONS[self.methods[users[0]].activation]  # the group's: users[0] may lack this site
+    def stacked_apply(self, name: str, group: tuple, params: RowParams, h: torch.Tensor) -> torch.Tensor:
+        act = ACTIVATION_FUNCTIONS[group[1]]  # the group's (`slot_group`: size, activation)
         shape = (h.shape[0], *[1] * (h.dim() - 2), -1)  # a row's vector, to add to each of its positions
         mid = act(params.matmul(h, 0) + params.vector(1).view(shape))
         return params.matmul(mid, 2) + params.vector(3).view(shape)

@@ -117,7 +117,15 @@ class Component(nn.Module):
     """One method installed on one model, holding the tunings of many users.
 
     A method whose tunings of one shape stack (`slot_group`) keeps each in a slot of a preallocated table per
-    site (see `slots`): inference reads every row's parameters from the tables, whatever the mix of users."""
+    site (see `slots`): inference reads every row's parameters from the tables, whatever the mix of users.
+
+    A table whose last user leaves is kept, empty, in `idle`, and its group's next user gets it back as it was
+    (the same tensors, so the same structure for a compiled step, `serving.capture`, and no allocation or copy):
+    under LRU churn a shape (LoRA of rank 16, say) often empties and fills again, and each new table would be a
+    graph to compile (minutes with inductor on a CPU). An idle table holds what it held in use, its slots ×
+    one tuning (`Bank.memory()["idle"]`); so that shapes seen once do not pile up, idle tables beyond
+    `keep_idle_bytes` per method are freed, the longest idle first. A move to another device or dtype frees
+    them all (their graphs are stale then anyway)."""
 
     kind: ClassVar[str] = ""
     # True for a method whose update folds into the frozen weights: it implements `fold()`, and `merge()`
@@ -127,6 +135,7 @@ class Component(nn.Module):
     # its slot (DoRA's gains, a reparameterised prefix): beyond it, what was kept is dropped.
     keep_bytes: ClassVar[int] = 4 << 30
     nulls: ClassVar[tuple[float, ...]] = ()  # slot 0 of each of `site_tensors()`: the value that changes nothing
+    keep_idle_bytes: ClassVar[int] = 1 << 30  # emptied tables kept for their group's next user (see above)
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -138,7 +147,12 @@ class Component(nn.Module):
         self._kept: dict = {}  # key -> (signature, value): see `kept()`
         self._kept_bytes = 0
         self.merged: str | None = None  # the user whose update is folded into the weights
-        self.tables: dict[Hashable, SlotTable] = {}  # slot_group -> its table (see `slots`)
+        self.tables: dict[Hashable, SlotTable] = {}  # slot_group -> its table, while it has users (see `slots`)
+        self.idle: dict[Hashable, SlotTable] = {}  # slot_group -> its emptied table, the longest idle first
+        self._made: dict[Hashable, int] = {}  # slot_group -> when its table was made: `tables` keeps that order
+        # Room a new table is made with (an engine's `max_resident`, `Bank(slots=...)`): a table of at most that many
+        # users is never reallocated. 0: tables start small and grow by a quarter when full.
+        self.slots = 0
 
     @property
     def device(self) -> torch.device:
@@ -150,16 +164,21 @@ class Component(nn.Module):
 
     # --- users -------------------------------------------------------------------------------
 
-    def add(self, user: str, method: Method, state: dict[str, torch.Tensor] | None, context: InitContext) -> None:
+    def make(self, method: Method, state: dict[str, torch.Tensor] | None, context: InitContext) -> nn.Module:
+        """A user's tuning, new (`build`) or from saved tensors (`from_state`), on the model's device and dtype;
+        nothing shared is touched (but by a method that writes the model), so it may run beside the serving."""
         tuning = self.build(method, context) if state is None else self.from_state(method, state)
+        return tuning.to(device=self.device, dtype=self.dtype)
+
+    def put(self, user: str, method: Method, tuning: nn.Module) -> None:
+        """Put a tuning made by `make` in: its hooks on the model, its slot in its table."""
         self.install(tuning)
-        self.users[slot_key(user)] = tuning.to(device=self.device, dtype=self.dtype)
+        self.users[slot_key(user)] = tuning
         self.methods[user] = method
         self._forget(user)
         group = self.slot_group(user)
         if group is not None:
-            table = self.tables.setdefault(group, SlotTable(self.nulls))
-            table.add(user, self._links(user), self.slot_numbers(user))
+            self._table(group).add(user, self._links(user), self.slot_numbers(user))
 
     def remove(self, user: str) -> None:
         group = self.slot_group(user)
@@ -167,10 +186,32 @@ class Component(nn.Module):
             table = self.tables[group]
             table.remove(user)
             if not table.slots:
-                del self.tables[group]
+                self.idle[group] = self.tables.pop(group)
+                self._free_idle()
         del self.users[slot_key(user)]
         del self.methods[user]
         self._forget(user)
+
+    def _table(self, group: Hashable) -> SlotTable:
+        """The group's table: in use, idle (it comes back as it was), or made now with room for `slots` users."""
+        if group not in self.tables:
+            table = self.idle.pop(group, None)
+            if table is None:
+                table = SlotTable(self.nulls, self.slot_derived, self.slots, group)
+                self._made.setdefault(group, len(self._made))
+            # In the order the tables were made, whatever came and went: a compiled step's structure is the same.
+            self.tables = dict(sorted({**self.tables, group: table}.items(), key=lambda item: self._made[item[0]]))
+        return self.tables[group]
+
+    def _free_idle(self) -> None:
+        while self.idle and sum(t.nbytes for t in self.idle.values()) > self.keep_idle_bytes:
+            del self.idle[next(iter(self.idle))]
+
+    def slot_derived(self, user: str) -> dict[Hashable, tuple[torch.Tensor, float]]:
+        """Values computed from the user's tuning that inference reads from tables of their own beside the slots
+        (DoRA's gains): {key: (value, the value of rows without it)}, computed when the slot is written (see
+        `SlotTable`); none for most methods."""
+        return {}
 
     def _links(self, user: str) -> dict[str, tuple[nn.Parameter, ...]]:
         return {name: self.site_tensors(user, name) for name in self.tuning(user).names}
@@ -179,6 +220,7 @@ class Component(nn.Module):
         out = super()._apply(fn, recurse)
         for table in self.tables.values():  # the parameters have new storage (another device or dtype)
             table.rebuild(links={user: self._links(user) for user in table.slots})
+        self.idle.clear()
         return out
 
     def _forget(self, user: str) -> None:
@@ -244,9 +286,9 @@ class Component(nn.Module):
         """Numbers of the user's tuning that `stacked_apply` takes after the site's tensors, one per row (LoRA's scale)."""
         return ()
 
-    def slot_rows(self, routing: Routing, batch: int) -> list[tuple[SlotTable, str, SlotRows]]:
-        """For each slot table with rows in this batch: (table, one of its users, where its rows are); every row
-        of the batch is in each, rows without a tuning in the table in slot 0."""
+    def slot_rows(self, routing: Routing, batch: int) -> list[tuple[SlotTable, SlotRows]]:
+        """For each slot table with rows in this batch: (table, where its rows are); every row of the batch is in
+        each, rows without a tuning in the table in slot 0."""
         key = ("slots", id(self), batch)
         if key not in routing.cache:
             out = []
@@ -258,8 +300,7 @@ class Component(nn.Module):
                     if group is None:  # a tuning without a slot: the method handles its rows itself
                         continue
                     table = self.tables[group]
-                    some = next(u for u in users if u in table.slots)
-                    out.append((table, some, SlotRows(table, table.index(rows), self.device, routing.keep_layout)))
+                    out.append((table, SlotRows(table, table.index(rows), self.device, routing.keep_layout)))
             routing.cache[key] = out
         return routing.cache[key]
 
@@ -418,10 +459,12 @@ class SiteComponent(Component):
         numbers = torch.tensor([self.slot_numbers(u) for u in users], dtype=stacked[0].dtype, device=stacked[0].device)
         return stacked, tuple(numbers.unbind(1))
 
-    def stacked_apply(self, name: str, users: list[str], params: RowParams, x: torch.Tensor) -> torch.Tensor:
+    def stacked_apply(self, name: str, group: Hashable, params: RowParams, x: torch.Tensor) -> torch.Tensor:
         """`site_value` for many rows at once, each with its own parameters (`params`, in the order of
-        `site_tensors`); `users[0]` is one of the users (they share their `slot_group`). The same code runs in
-        training, on the users' own parameters, and in inference, on the slot tables."""
+        `site_tensors`); `group` is the `slot_group` their tunings share, so settings common to the group (LoRA's
+        dropout, an adapter's activation) are read from it, never through one user's tuning: a compiled step's
+        graph then depends on no user, and outlives any of them. The same code runs in training, on the users'
+        own parameters, and in inference, on the slot tables."""
         raise NotImplementedError
 
     def install(self, tuning: nn.Module) -> None:
@@ -459,12 +502,12 @@ class SiteComponent(Component):
         """Every row's change computed from the slot tables, each table on its users' rows (all rows: no gather or
         scatter of activations); a user without this site reads slot 0 there, which changes nothing."""
         changed = None
-        for table, some, rows in self.slot_rows(routing, output.shape[0]):
+        for table, rows in self.slot_rows(routing, output.shape[0]):
             tensors = table.tensors.get(name)
             if tensors is None:
                 continue
             own = source if rows.rows is None else source.index_select(0, rows.rows)  # the table's users' rows only
-            value = self.stacked_apply(name, [some], rows.params(name, own=True), own)
+            value = self.stacked_apply(name, table.group, rows.params(name, own=True), own)
             value = value if value.dtype == output.dtype else value.to(output.dtype)
             base = output if changed is None else changed
             changed = base + value if rows.rows is None else base.index_add(0, rows.rows, value)
@@ -478,9 +521,9 @@ class SiteComponent(Component):
         tensors, numbers = self.stack(name, users)
         params = RowParams([t[which] for t in tensors], [n[which] for n in numbers])
         if routing.in_order(self, batch):  # every row is ours, in order: no gather or scatter of activations
-            value = self.stacked_apply(name, users, params, source).to(output.dtype)
+            value = self.stacked_apply(name, self.slot_group(users[0]), params, source).to(output.dtype)
             return value if self.replace else output + value
-        value = self.stacked_apply(name, users, params, source.index_select(0, rows)).to(output.dtype)
+        value = self.stacked_apply(name, self.slot_group(users[0]), params, source.index_select(0, rows)).to(output.dtype)
         return output.index_copy(0, rows, value) if self.replace else output.index_add(0, rows, value)
 
     def close(self) -> None:

@@ -76,7 +76,7 @@ class BitFitComponent(SiteComponent):
     def site_tensors(self, user: str, name: str) -> tuple[nn.Parameter, ...]:
         return (self.tuning(user).delta[site_key(name)],)  # [d]
 
-    def stacked_apply(self, name: str, users: list[str], params: RowParams, out: torch.Tensor) -> torch.Tensor:
+    def stacked_apply(self, name: str, group: tuple, params: RowParams, out: torch.Tensor) -> torch.Tensor:
         return params.vector(0).view(out.shape[0], *[1] * (out.dim() - 2), out.shape[-1]).expand_as(out)
 
     def sites(self, method: BitFit) -> dict[str, int]:

@@ -19,6 +19,7 @@ evaluation is the same in both). `merge()` writes g · (W + s·B·A) into W.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -112,19 +113,22 @@ class DoRAComponent(LoRAComponent):
         return out + (gain - 1).view(batch, *[1] * (out.dim() - 2), -1).to(out.dtype) * base
 
     def _slot_gains(self, name: str, routing: Routing, batch: int) -> torch.Tensor:
-        """Each row's gains from a table of every slot's gains, each computed once after its slot was written (a
-        serving bank's tunings change only by add and remove): no per-layout copies, nothing growing."""
-        weight = self._weight(name)
-        ones = torch.ones(weight.shape[0], device=weight.device, dtype=self.dtype)
-        present = [u for u, _ in routing.groups(self, batch) if not self.skips(u)]
+        """Each row's gains from each table's gains of every slot (`slot_derived`, computed when the slot was
+        written: a serving bank's tunings change only by add and remove): nothing computed or made per step, so a
+        compiled step's graph reads them as it reads the slots."""
         gain = None
-        for table, _, rows in self.slot_rows(routing, batch):
-            users = [u for u in present if u in table.slots]
-            every = table.derive(("gain", name), users,
-                                 lambda u: self.tuning(u).gain(name, weight) if self.has_site(u, name) else ones, 1.0)
-            part = every.index_select(0, rows.index)
+        for table, rows in self.slot_rows(routing, batch):
+            derived = table.derived.get(("gain", name))
+            if derived is None:  # none of the table's users has this layer: 1 on its rows
+                continue
+            part = derived[0].index_select(0, rows.index)
             gain = part if gain is None else gain * part
-        return gain
+        return torch.ones(batch, self._weight(name).shape[0], device=self.device, dtype=self.dtype) if gain is None else gain
+
+    def slot_derived(self, user: str) -> dict[Hashable, tuple[torch.Tensor, float]]:
+        """Each layer's gain m / ‖W + s·B·A‖ of the user's tuning (1 where the user has no update)."""
+        tuning = self.tuning(user)
+        return {("gain", name): (tuning.gain(name, self._weight(name)), 1.0) for name in tuning.names}
 
     def _row_gains(self, name: str, users: list[str], rows: torch.Tensor, which: torch.Tensor, batch: int) -> torch.Tensor:
         weight = self._weight(name)
@@ -150,6 +154,8 @@ class DoRAComponent(LoRAComponent):
                 else:
                     self._folded[name] = gains[name]
                     weight.copy_((weight + tuning.update(name).to(weight.dtype)) * gains[name][:, None].to(weight.dtype))
+        for table in self.tables.values():  # the other tunings' gains are computed from these weights
+            table.rederive()
 
 
 DoRA.component = DoRAComponent

@@ -215,7 +215,7 @@ class IA3Component(SiteComponent):
             found = self.slot_rows(routing, batch)
             if not found or name not in found[0][0].tensors:
                 return None
-            scale = found[0][2].params(name).vector(0)
+            scale = found[0][1].params(name).vector(0)
         else:
             users, rows, which = routing.stacked(self, batch)
             live = [u for u in users if u != self.merged and name in self.tuning(u).scales_input]

@@ -146,10 +146,11 @@ class LoRAComponent(SiteComponent):
         tuning, key = self.tuning(user), site_key(name)
         return tuning.A[key], tuning.B[key]  # [r, d_in], [d_out, r]
 
-    def stacked_apply(self, name: str, users: list[str], params: RowParams, x: torch.Tensor) -> torch.Tensor:
+    def stacked_apply(self, name: str, group: tuple, params: RowParams, x: torch.Tensor) -> torch.Tensor:
         (scale,) = params.numbers
-        tuning = self.tuning(users[0])
-        down = params.matmul(tuning.dropout(x) if tuning.dropout.p else x, 0)  # [rows, ..., r]: the smallest place
+        _, dropout = group  # (`slot_group`: rank, dropout)
+        x = nn.functional.dropout(x, dropout, self.training) if dropout else x
+        down = params.matmul(x, 0)  # [rows, ..., r]: the smallest place
         return params.matmul(down * scale.view(-1, *[1] * (x.dim() - 1)), 1)  # for the scale
 
     def new_tuning(self, method: LoRA, sites: dict[str, tuple[int, int]]) -> LoRATuning:

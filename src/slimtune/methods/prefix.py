@@ -350,7 +350,7 @@ class PrefixComponent(Component):
     def _slotted_prefix(self, name: str, routing: Routing, batch: int):
         """Each row's prefix at one site from the slot tables, one table per prefix length side by side: a row's
         columns are valid in its own table's part only (slot 0, zeros, in the others)."""
-        found = [(table, rows) for table, _, rows in self.slot_rows(routing, batch) if name in table.tensors]
+        found = [(table, rows) for table, rows in self.slot_rows(routing, batch) if name in table.tensors]
         parts = [rows.params(name).vector(0) for _, rows in found]  # [batch, 2, kv_heads, k, head_dim] each
         p = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
         key = ("prefix-slot-columns", id(self), batch)  # the same for every layer of this batch

@@ -15,6 +15,12 @@ load writes the table in place, so inference reads the table with no bookkeeping
 reads the parameters themselves, so each user's gradient still comes only from their own rows; an
 optimizer's state is per parameter, hence per user, as before. A removed user's parameters get
 storage of their own again, so a slot can be reused without touching a tuning someone still holds.
+
+A table's tensors are what a compiled decoding step's graph reads (`serving.capture`): a table made with room
+for as many users as it will hold (`slots`, an engine's `max_resident`) is never reallocated, so its graph
+stays; one made without grows by a quarter when full, each growth a copy of every slot and a new graph. What
+is computed from a tuning rather than held in its slot (DoRA's gains) is computed when the slot is written
+(`derive`), so serving steps read it as they read the slots, and never make a table of their own.
 """
 
 from __future__ import annotations
@@ -35,15 +41,26 @@ def _give_back_freed_memory() -> None:
         pass
 
 
+Derive = Callable[[str], dict[Hashable, tuple[torch.Tensor, float]]]
+
+
 class SlotTable:
     """One group's tables: `tensors[site][i]` is `[capacity + 1, *shape of the i-th parameter]`, and `values`
-    `[capacity + 1, n]` holds numbers of each tuning that are not parameters (LoRA's scale), 0 in slot 0."""
+    `[capacity + 1, n]` holds numbers of each tuning that are not parameters (LoRA's scale), 0 in slot 0.
 
-    def __init__(self, nulls: Sequence[float]):
+    `slots`: room for that many users from the start (the tensors are made at the first `add`); beyond it the
+    table grows by a quarter. `derive(user)`: values computed from a user's tuning, {key: (value, null)}, each
+    kept in `derived[key]`, a `[capacity + 1, *value's shape]` table with `null` in the slots of users without
+    it; computed when a slot is written (`add`, `rebuild`, `rederive`), for a bank whose tunings change only by
+    add and remove."""
+
+    def __init__(self, nulls: Sequence[float], derive: Derive | None = None, slots: int = 0, group: Hashable = None):
         self.nulls = tuple(nulls)  # the value of slot 0, for each parameter of a site
-        self.capacity = 0  # slots for users, besides slot 0
+        self.group = group  # what its tunings share (`Component.slot_group`): the settings `stacked_apply` reads
+        self.derive = derive
+        self.capacity = slots  # slots for users, besides slot 0
         self.slots: dict[str, int] = {}
-        self.free: list[int] = []
+        self.free: list[int] = list(range(slots, 0, -1))
         self.tensors: dict[str, list[torch.Tensor]] = {}
         self.links: dict[str, dict[str, tuple[nn.Parameter, ...]]] = {}  # user -> site -> the parameters of the slot
         self.numbers: dict[str, tuple[float, ...]] = {}
@@ -51,13 +68,17 @@ class SlotTable:
         self.generation = 0  # changes whenever a slot is written: what was gathered from the tables is stale
         self.layout: tuple | None = None  # the batch layout whose gathered parameters are `kept`, by site
         self.kept: dict[tuple[str, bool], tuple[torch.Tensor, ...]] = {}
-        self.derived: dict[Hashable, tuple[torch.Tensor, set[int]]] = {}  # see `derive`
+        self.derived: dict[Hashable, tuple[torch.Tensor, float]] = {}  # key -> (table, null): see `derive`
 
     @property
     def nbytes(self) -> int:
-        """The tables' bytes (and the numbers'): slots × one tuning, whatever the batches served."""
-        values = 0 if self.values is None else self.values.numel() * self.values.element_size()
-        return values + sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts)
+        """The tables' bytes (the numbers' and the derived values' too): slots × one tuning, whatever the batches
+        served."""
+        return sum(t.numel() * t.element_size() for t in self._all())
+
+    def _all(self) -> list[torch.Tensor]:
+        values = [] if self.values is None else [self.values]
+        return [*values, *(t for ts in self.tensors.values() for t in ts), *(t for t, _ in self.derived.values())]
 
     @property
     def kept_bytes(self) -> int:
@@ -76,8 +97,6 @@ class SlotTable:
             self.rebuild(self.capacity + max(4, self.capacity // 4))
             _give_back_freed_memory()
         slot = self.free.pop()
-        for _, done in self.derived.values():
-            done.discard(slot)
         self.slots[user] = slot
         self.links[user] = sites
         self.numbers[user] = numbers
@@ -92,6 +111,25 @@ class SlotTable:
                 for table, p in zip(self.tensors[name], params, strict=True):
                     table[slot].copy_(p)
                     p.data = table[slot]
+            self._derive(user)
+
+    def _derive(self, user: str) -> None:
+        """Write `derive(user)` into the user's slot of each derived table (made at its first value)."""
+        if self.derive is None:
+            return
+        slot = self.slots[user]
+        with torch.no_grad():
+            for key, (value, null) in self.derive(user).items():
+                if key not in self.derived:
+                    full = torch.full((self.capacity + 1, *value.shape), null, dtype=value.dtype, device=value.device)
+                    self.derived[key] = (full, null)
+                self.derived[key][0][slot] = value
+
+    def rederive(self) -> None:
+        """Compute every user's derived values again (what they are computed from changed: DoRA's weights, merged)."""
+        self._writable()
+        for user in self.slots:
+            self._derive(user)
 
     def remove(self, user: str) -> None:
         """Free `user`'s slot: their parameters get their own storage back, the slot is reset to the null tuning."""
@@ -99,8 +137,6 @@ class SlotTable:
         self._changed()
         slot = self.slots.pop(user)
         del self.numbers[user]
-        for _, done in self.derived.values():
-            done.discard(slot)
         with torch.no_grad():
             self.values[slot] = 0
             for params in self.links.pop(user).values():
@@ -109,6 +145,8 @@ class SlotTable:
             for ts in self.tensors.values():
                 for table, null in zip(ts, self.nulls, strict=True):
                     table[slot].fill_(null)
+            for table, null in self.derived.values():
+                table[slot].fill_(null)
         self.free.append(slot)
 
     def rebuild(self, capacity: int | None = None, links: dict[str, dict[str, tuple[nn.Parameter, ...]]] | None = None) -> None:
@@ -124,28 +162,12 @@ class SlotTable:
         for user, sites in links.items():
             self.add(user, sites, numbers[user])
 
-    def derive(self, key: Hashable, users: Iterable[str], compute: Callable[[str], torch.Tensor], null: float) -> torch.Tensor:
-        """A table `[capacity + 1, ...]` of values computed from the slots' tunings (DoRA's gains), `null` in slot 0:
-        each of `users`' slots is computed (`compute(user)`) once after it was written, not at every call. For a
-        bank whose tunings change only by add and remove."""
-        if key not in self.derived:
-            like = compute(next(iter(self.slots)))
-            table = torch.full((self.capacity + 1, *like.shape), null, dtype=like.dtype, device=like.device)
-            self.derived[key] = (table, set())
-        table, done = self.derived[key]
-        for user in users:
-            slot = self.slots[user]
-            if slot not in done:
-                table[slot] = compute(user)
-                done.add(slot)
-        return table
-
     def _writable(self) -> None:
         """Tables made in inference mode (an engine loading tunings) can be written only there: outside it, copy
         them into ordinary tensors first."""
         if torch.is_inference_mode_enabled() or self.values is None:
             return
-        if self.values.is_inference() or any(t.is_inference() for ts in self.tensors.values() for t in ts):
+        if any(t.is_inference() for t in self._all()):
             self.rebuild()
 
     def _new(self, like: torch.Tensor, null: float) -> torch.Tensor:

@@ -18,9 +18,13 @@ everything the graph reads in Python stays the same from one step to the next:
 - **Positions** `[slots, 1]` follow from each row's mask, as in the eager step (less the cache columns that take
   none, `Bank.unpositioned_columns`).
 
-What the graph reads in Python changes only when a slot table is made, grown or dropped, or the cache grows
-(amortised, like an array): each such *structure* (the layout of hooks and tables, the cache's slots and
-columns) has a graph of its own, and `compiles` counts them. A batch with a tuning that has no slot (a full
+What the graph reads in Python changes only when a slot table is made, grown, emptied or filled again, or the
+cache grows (amortised, like an array): each such *structure* (the layout of hooks and tables, the cache's slots
+and columns) has a graph of its own, and `compiles` counts them. Nothing in it depends on which users hold the
+slots: a table's settings (LoRA's dropout, an adapter's activation) come from its group (`stacked_apply`), not
+from one of its users, so no eviction fails the graph's guards; and the last few structures' graphs are kept,
+so a table that empties and fills again (it is kept for its shape's next tuning, `Component.idle`) finds its
+graph still there. A batch with a tuning that has no slot (a full
 fine-tuning, a DoRA tuning outside a serving bank) takes the eager step.
 
 **Compiles run beside the steps, not inside them.** With `background` (the engine's), a structure's graph is
@@ -39,15 +43,15 @@ step's routing and grad modes. What makes that safe beside the running engine:
   the compile's hooks see the compile's routing. The graph is run under the routing object it was traced
   with, so its guards on that routing hold in the engine's thread.
 - The graph writes only the KV buffers it is given, here the scratch ones. It reads the slot tables and the
-  model's parameters and does not write them, DoRA's table of gains aside (`SlotTable.derive`), which it may
-  make anew with one slot's gains: the eager steps compute the others again as their rows need them, and a
-  graph traced before that table was made no longer fits (below).
+  model's parameters (and DoRA's gains, computed when a slot is written, `SlotTable.derive`) and does not
+  write them.
 - A tuning loaded or dropped while a compile runs changes the structure (its graph is then let go) or fails
   the trace; a structure whose compile fails twice runs eagerly from then on, with a warning.
 - The engine's thread runs a graph in dynamo's run-only mode (`torch._dynamo.run`), which never compiles:
-  should the graph's guards fail after all (one traced before a DoRA table's gains were made guards on their
-  absence), dynamo would run `_forward` as Python, which then stops before doing anything; that step runs
-  eagerly, as for a structure not compiled yet, and the structure is compiled again.
+  should the graph's guards fail after all (one traced before a DoRA tuning of a layer no other had added
+  that layer's gains guards on their absence), dynamo would run `_forward` as Python, which then stops before
+  doing anything; that step runs eagerly, as for a structure not compiled yet, and the structure is compiled
+  again.
 - Each structure's graph has a code object of its own (`_own_code`): a compile never adds to the guards a
   running step reads, and dynamo's recompile limit (8 graphs per code object, then eager) is never reached.
 
@@ -138,10 +142,12 @@ class _Routing(Routing):
             found = []
             for table in part.tables.values():
                 rows = SlotRows(table, [0] * slots, device, keep=False, every=True)
-                found.append((table, next(iter(table.slots)), rows))
+                found.append((table, rows))
                 self.tables.append((part, table, rows))
             self.cache[("slots", id(part), slots)] = found
-            self.present[part] = [(found[0][1], None)]
+            # "Has rows here", for the hooks that ask: a name the graph holds as a constant, never looked up in
+            # the component's users (the tables' settings come from their groups), so no user's leaving fails it.
+            self.present[part] = [(next(iter(found[0][0].slots)), None)]
         self.key = self.structure(bank)
 
     @staticmethod
@@ -220,6 +226,8 @@ class CapturedStep:
     does not take (a tuning without a slot) and, with `background`, for one whose graph is still compiling: the
     engine then runs the eager step."""
 
+    keep_structures = 4  # structures of hooks and tables whose graphs are kept (see `_graphs`)
+
     def __init__(self, bank: Any, pad: int, backend: str = "inductor", mode: str | None = None,
                  background: bool = False, on_compile: Callable[[], None] | None = None):
         self.bank = bank
@@ -234,11 +242,13 @@ class CapturedStep:
         self.backend, self.mode = backend, mode
         self.background = background
         self.on_compile = on_compile  # called on the compile thread after each compile (the engine's stats)
-        # The graphs of the current structure of hooks and tables, by signature (that structure, slots, columns):
-        # an older structure names tables since dropped or regrown, so it does not come back, and its graphs are
-        # let go.
+        # The graphs of the last `keep_structures` structures of hooks and tables, by signature (that structure,
+        # slots, columns). A structure comes back: a table whose last tuning leaves is kept for the next one of its
+        # shape (`Component.idle`), so the structure before it emptied is the structure once it fills again. Each
+        # graph holds its structure's tables (hence their ids stay theirs); older structures' graphs are let go.
         self._graphs: dict[tuple, _Graph] = {}
         self._structure: tuple | None = None  # of the last step
+        self._recent: list[tuple] = []  # the structures whose graphs are kept, the last step's last
         self._failed: Counter = Counter()  # signature -> compiles that gave no graph, or one that never ran
         self._changed = threading.Condition()  # guards what follows, and says when a compile is done
         self._queued: _Compile | None = None  # the newest structure waiting for its compile
@@ -318,10 +328,11 @@ class CapturedStep:
         structure = _Routing.structure(self.bank)
         signature = (structure, *slot_cache.capacity)
         with self._changed:
-            if structure != self._structure:  # a new layout of hooks and tables: the old one's graphs are stale
+            if structure != self._structure:  # another layout of hooks and tables: keep the last few's graphs
                 self._structure = structure
-                self._graphs = {s: graph for s, graph in self._graphs.items() if s[0] == structure}
-                self._failed = Counter({s: n for s, n in self._failed.items() if s[0] == structure})
+                self._recent = [*(s for s in self._recent if s != structure), structure][-self.keep_structures:]
+                self._graphs = {s: graph for s, graph in self._graphs.items() if s[0] in self._recent}
+                self._failed = Counter({s: n for s, n in self._failed.items() if s[0] in self._recent})
         logits = None
         for _ in range(2):  # a graph whose guards fail is compiled again at once
             graph = self._graph(signature, last, seen, users, slot_cache)
@@ -401,7 +412,7 @@ class CapturedStep:
                 self._compiling = job.signature
             graph = self._compile(job)
             with self._changed:
-                if graph is not None and job.signature[0] == self._structure:
+                if graph is not None and job.signature[0] in self._recent:
                     self._graphs[job.signature] = graph
                 self._compiling = None
                 self._changed.notify_all()

@@ -10,9 +10,10 @@
 - *stale*: deleted or replaced in the store while rows still used it: those rows keep the old version,
   and it is evicted as soon as none does (a later request then loads what the store holds).
 
-A load reads the tuning whole from the store, checks that it was made for this model and decodes its method,
-all on a thread of its own (one: the disk reads one tuning at a time anyway); only putting it into the bank
-(`Bank.add`: its slot in each table, its hooks) runs on the engine's worker, between two steps.
+A load reads the tuning whole from the store, checks that it was made for this model, decodes its method and
+builds its modules (`Bank.build`: every shape checked), all on a thread of its own (one: the disk reads one
+tuning at a time anyway); only putting it into the bank (`Bank.add` of what was built: its slot in each table,
+its hooks) runs on the engine's worker, between two steps.
 
 The store may be shared with other processes (server replicas), which replace and delete its tunings
 without telling this one: each loaded tuning remembers the store's version it was read from, and every
@@ -36,22 +37,23 @@ import torch
 
 from .. import storage
 from ..errors import UnknownUserError
-from ..methods import Method, method_from_dict
+from ..methods import method_from_dict
 
 
 class _Read(NamedTuple):
     """A tuning read from the store, checked and decoded, ready to go into the bank."""
 
     version: str
-    method: Method
-    tensors: dict[str, torch.Tensor]
+    built: Any  # `Bank.build`'s
 
 
 class Residency:
     def __init__(self, bank: Any, store: Any, capacity: int, stats: Any, in_use: Callable[[str], bool],
-                 on_evict: Callable[[str], None], on_loaded: Callable[[], None] = lambda: None):
+                 on_evict: Callable[[str], None], on_loaded: Callable[[], None] = lambda: None, guard: Any = None):
         """`on_loaded` is called (on the loading thread) whenever a load ends, well or not: the worker may be
-        waiting for it."""
+        waiting for it. `guard`: the lock under which the bank serves (a load takes it only to make a method's
+        component, for the first tuning of its kind)."""
+        self.guard = guard
         self.bank, self.store, self.capacity, self.stats = bank, store, capacity, stats
         self.in_use, self.on_evict, self.on_loaded = in_use, on_evict, on_loaded
         self.pinned: set[str] = set()
@@ -135,7 +137,9 @@ class Residency:
             except UnknownUserError:  # deleted since the request was checked; the store's message names its folder
                 raise UnknownUserError(f"unknown tuning {user!r}: it is no longer in the store") from None
             storage.check_model(stored.record.get("model", {}), self.bank.fingerprint, user)
-            return _Read(stored.version, method_from_dict(stored.record.get("method", {})), stored.tensors)
+            method = method_from_dict(stored.record.get("method", {}))
+            with torch.inference_mode(False):  # ordinary tensors: usable outside inference too
+                return _Read(stored.version, self.bank.build((method, stored.tensors), guard=self.guard))
         finally:
             self.stats.load_seconds += time.perf_counter() - began  # written by this thread only
 
@@ -150,8 +154,8 @@ class Residency:
             self._start(user)
             return False
         began = time.perf_counter()
-        with torch.inference_mode(False):  # ordinary tensors: usable outside inference too
-            self.bank.add(user, (read.method, read.tensors))
+        with torch.inference_mode(False):
+            self.bank.add(user, read.built)
         self.stats.load_stall_seconds += time.perf_counter() - began
         self.loaded[user] = None
         self.versions[user] = read.version
