@@ -35,7 +35,7 @@ class Built(NamedTuple):
     method: Method
     body: nn.Module | None
     head: nn.Module | None
-    source: Any = None
+    source: tuple | None = None  # a method that writes the weights: its resolved (method, state, head state)
 
 
 class Bank(nn.Module):
@@ -86,13 +86,12 @@ class Bank(nn.Module):
             raise TuningError(f"a user name must be a non-empty string, got {user!r}")
         if user in self._methods:
             raise TuningError(f"user {user!r} is already in this bank; remove() them first")
-        if isinstance(tuning, Built) and tuning.body is None:
-            tuning = tuning.source
-        if isinstance(tuning, Built):
+        if isinstance(tuning, Built) and tuning.body is not None:
             self.check_method(tuning.method)  # the bank may have changed since it was built
             method, body, head = tuning.method, tuning.body, tuning.head
         else:
-            method, body, head = self._make(tuning, tokenizer)
+            method, body, head = self._make(tuning.source if isinstance(tuning, Built) else self._resolve(tuning),
+                                            tokenizer)
         self._part(method.component).put(user, method, body)
         if head is not None:
             self._part(HeadComponent).put(user, None, head)
@@ -104,19 +103,20 @@ class Bank(nn.Module):
         added to the bank or put on the model, so it may run on another thread while the bank serves others (an
         engine's loads), and `add(user, built)` then only puts it in. `guard` (a lock) is held only while the
         method's component is looked up or made."""
-        method, state, _ = self._resolve(tuning)
-        if method.writes_base:  # built by writing the model: only `add` may
-            self.check_method(method)
-            return Built(method, None, None, tuning)
-        return Built(method, *self._make(tuning, tokenizer, guard)[1:])
+        resolved = self._resolve(tuning)  # read once (a folder), here
+        if resolved[0].writes_base:  # built by writing the model: only `add` may
+            self.check_method(resolved[0])
+            return Built(resolved[0], None, None, resolved)
+        return Built(*self._make(resolved, tokenizer, guard))
 
     def check(self, method: Method, state: dict[str, torch.Tensor], guard: Any = None) -> None:
         """`build` a saved tuning and let it go: raises what `add` would raise for it."""
         self.build((method, state), guard=guard)
 
-    def _make(self, tuning: Any, tokenizer: Any, guard: Any = None) -> tuple[Method, nn.Module, nn.Module | None]:
-        """The tuning resolved, checked and made: (method, its module, its task head's or None)."""
-        method, state, head_state = self._resolve(tuning)
+    def _make(self, resolved: tuple[Method, dict | None, dict | None], tokenizer: Any,
+              guard: Any = None) -> tuple[Method, nn.Module, nn.Module | None]:
+        """A tuning resolved by `_resolve`, checked and made: (method, its module, its task head's or None)."""
+        method, state, head_state = resolved
         self.check_method(method)
         check_quantised_method(method, self.model)  # model tuning and DoRA need the weights themselves
         context = InitContext(tokenizer or self.tokenizer)
