@@ -170,6 +170,18 @@ def test_removed_user_is_gone_and_others_unchanged():
         bank(input_ids=ids, attention_mask=mask, users=["prefix5"])
 
 
+def test_checking_a_saved_full_fine_tune_leaves_the_model_as_it_was():
+    """`Bank.check` builds a tuning and lets it go: for a full fine-tune (which is built by writing the model's
+    weights) it must not write them, even on a bank that could take one."""
+    source = slimtune.Bank(build(DECODERS[0]))
+    source.add("x", slimtune.FullFineTuning())
+    state = {name: t + 0.5 for name, t in source.state("x").items()}
+    model = build(DECODERS[0])
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    slimtune.Bank(model).check(slimtune.FullFineTuning(), state)
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+
+
 def test_full_fine_tuning_cannot_share_a_bank():
     bank = slimtune.Bank(build("gpt2"))
     bank.add("a", slimtune.LoRA())
